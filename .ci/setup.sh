@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with edgellm and everything its tests need.
+# llama-cpp-python is a source build (minutes on 2 cores): its wheel is cached under the
+# user cache dir, keyed by every input that changes the binary (version, CMake flags,
+# Python, compiler, CPU flags for the native build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+EXTRAS=${EXTRAS:-test}
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+LLAMA_CMAKE_ARGS=${LLAMA_CMAKE_ARGS:-"-DLLAVA_BUILD=OFF -DGGML_RPC=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"}
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel >/dev/null
+
+cpu_flags=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || sysctl -n machdep.cpu.features 2>/dev/null || echo none)
+key_src="$LLAMA_CPP_PYTHON_VERSION|$LLAMA_CMAKE_ARGS|$("$VENV/bin/python" -c 'import sys,platform;print(sys.version_info[:2],platform.machine())')|$(cc --version 2>/dev/null | head -1)|$cpu_flags"
+key=$(printf '%s' "$key_src" | sha256sum | cut -c1-16)
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/edgellm/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$key"
+if ! ls "$cache"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  echo "building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (cached afterwards in $cache) ..." >&2
+  rm -rf "$cache.tmp" && mkdir -p "$cache.tmp"
+  CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    "$VENV/bin/python" -m pip wheel --no-deps --no-cache-dir "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -w "$cache.tmp"
+  rm -rf "$cache" && mv "$cache.tmp" "$cache"
+fi
+"$VENV/bin/python" -m pip install -q "$cache"/llama_cpp_python-*.whl
+"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"

@@ -1,0 +1,29 @@
+"""edgellm: convert LLMs for devices and run them with the right backend.
+
+    >>> import edgellm
+    >>> llm = edgellm.load()            # the embedded SmolLM2-135M, backend chosen for this device
+    >>> llm.chat([{"role": "user", "content": "Hi!"}], temperature=0).text
+
+Attributes are imported lazily so `import edgellm` (and the CLI's start-up) stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import EdgeLLMError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": ".runtime", "Session": ".session", "Conversation": ".session", "Completion": ".session",
+    "Stats": ".session", "SamplerConfig": ".runtimes.base", "GREEDY": ".runtimes.base",
+    "pull": ".store", "DEFAULT_ALIAS": ".store",
+}
+__all__ = ["EdgeLLMError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'edgellm' has no attribute {name!r}")

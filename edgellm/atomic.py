@@ -1,0 +1,42 @@
+"""Atomic artifact writes: write beside the destination, rename into place only when complete.
+
+A Ctrl-C, a kill or a full disk then leaves the destination as it was (the temporary file is
+removed on any exception; after a SIGKILL only a dot-prefixed `.NAME.partial-*` can remain).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `dest`; on success it replaces `dest`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{dest.name}.partial-"
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=prefix)) if directory else None
+    if tmp is None:
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=prefix)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory and dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(dest: Path, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)

@@ -1,0 +1,135 @@
+"""edgellm chat: streaming terminal chat with KV-cache reuse between turns."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .options import load_kwargs, model_options, sampling_kwargs, sampling_options
+from .output import err, out
+
+HELP = """commands: /reset (forget history), /save FILE, /load FILE, /stats, /help, /exit
+multi-line input: end a line with \\ to continue it, or wrap a block in triple quotes (\"\"\")"""
+
+
+@click.command("chat")
+@click.argument("model", required=False)
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--prompt-state", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A state file from `edgellm cache-prompt` (skips re-reading the system prompt).")
+@click.option("--truncate", is_flag=True, help="When the history outgrows the context, drop the oldest turns.")
+@model_options
+@sampling_options
+def command(model: str | None, system: str | None, prompt_state: str | None, truncate: bool, **kw) -> None:
+    """Chat with a model in the terminal (default: the embedded SmolLM2-135M).
+
+    Answers stream as they are generated, using the model's own chat template (rendered in a
+    sandbox). Each turn only evaluates the new tokens: the KV cache of the conversation so far is
+    reused, in memory and on disk (so a restarted chat picks up where it was). Ctrl-C stops an
+    answer and returns to the prompt with the history intact; Ctrl-D or /exit quits.
+
+    \b
+    Example:
+      edgellm chat --system "You are a concise assistant." -t 0
+    """
+    import edgellm
+    from edgellm.errors import EdgeLLMError
+
+    lk, sk = load_kwargs(kw), sampling_kwargs(kw)
+    with err.status("loading model …") if err.is_terminal else _null():
+        llm = edgellm.load(model, prompt_state=prompt_state, **lk)
+    conv = llm.conversation(system=system, **sk)
+    conv.overflow = "truncate" if truncate else "error"
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err.print(f"[dim]{llm.model_path.name} · {llm.plan.backend} on {llm.plan.device}, {llm.plan.threads} threads · "
+                  f"/help for commands[/dim]")
+    last = None
+    while True:
+        text = _read(interactive)
+        if text is None or text.strip() in ("/exit", "/quit"):
+            break
+        cmd, _, arg = text.strip().partition(" ")
+        try:
+            if cmd == "/help":
+                err.print(HELP)
+            elif cmd == "/reset":
+                conv.reset()
+                err.print("[dim]history cleared[/dim]")
+            elif cmd == "/save":
+                conv.save(arg.strip() or "chat.json")
+                err.print(f"[dim]saved {len(conv.messages)} messages to {arg.strip() or 'chat.json'}[/dim]")
+            elif cmd == "/load":
+                conv.load(arg.strip())
+                err.print(f"[dim]loaded {len(conv.messages)} messages[/dim]")
+            elif cmd == "/stats":
+                err.print(_stats_line(last) if last else "no answer yet")
+                err.print(f"context: {len(llm.tokens)}/{llm.n_ctx} tokens in KV; "
+                          f"memory cache: {len(llm.memory_cache)} states, {llm.memory_cache.bytes >> 20} MiB")
+            elif cmd.startswith("/") and cmd[1:].isalpha():
+                err.print(f"unknown command {cmd}; {HELP}")
+            elif text.strip():
+                last = _answer(conv, text)
+        except EdgeLLMError as e:
+            err.print(f"[red]error:[/red] {e}")
+    llm.close()
+
+
+def _answer(conv, text: str):
+    stream = conv.stream(text)
+    try:
+        for piece in stream:
+            out.print(piece, end="")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        out.print()
+        err.print("[dim](interrupted — history unchanged)[/dim]")
+        return None
+    out.print()
+    done = stream.completion
+    err.print(f"[dim]{_stats_line(done.stats)}[/dim]")
+    return done.stats
+
+
+def _stats_line(s) -> str:
+    reuse = f", {s.reused_tokens} reused from {s.cache_source}" if s.reused_tokens else ""
+    return (f"TTFT {s.ttft_s * 1000:.0f} ms ({s.prompt_tokens} prompt tokens{reuse}) · "
+            f"{s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s")
+
+
+def _read(interactive: bool) -> str | None:
+    """One user turn; supports trailing-backslash continuation and triple-quoted blocks."""
+    lines: list[str] = []
+    block = False
+    while True:
+        try:
+            line = input(("... " if lines else ">>> ") if interactive else "")
+        except EOFError:
+            return "\n".join(lines) if lines else None
+        except KeyboardInterrupt:
+            if interactive:
+                out.print()
+            return None
+        if not lines and line.strip().startswith('"""'):
+            block = True
+            line = line.strip()[3:]
+            if line.endswith('"""') and len(line) >= 3:
+                return line[:-3]
+        elif block and line.rstrip().endswith('"""'):
+            lines.append(line.rstrip()[:-3])
+            return "\n".join(lines)
+        if block:
+            lines.append(line)
+            continue
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        lines.append(line)
+        return "\n".join(lines)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()

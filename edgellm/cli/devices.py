@@ -1,0 +1,81 @@
+"""edgellm devices: what this device has, and how edgellm would run a model on it."""
+from __future__ import annotations
+
+import click
+
+from .output import emit_json, human_bytes, out
+
+
+@click.command("devices")
+@click.option("--model", "model", default=None,
+              help="Plan for this model [default: the embedded model, from the store if pulled].")
+@click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context size for the memory estimate.")
+@click.option("--json", "as_json", is_flag=True, help="Print profile, llama.cpp build and plan as JSON.")
+def command(model: str | None, n_ctx: int, as_json: bool) -> None:
+    """Show the device profile (OS, CPU, SIMD features, performance/efficiency cores, RAM, GPU/NPU,
+    board), what the installed llama.cpp was built with, and which backend and thread count edgellm
+    would choose for a model — with the reasons.
+
+    \b
+    Example:
+      edgellm devices --json
+    """
+    import os
+
+    from .. import store
+    from ..device import llama_build_info, probe
+    from ..plan import Artifact, choose
+
+    profile = probe()
+    build = llama_build_info()
+    artifact, name, kv = _artifact(model, n_ctx, store)
+    plan = choose(profile, artifact, n_ctx=n_ctx, env=os.environ, kv_bytes=kv)
+    if as_json:
+        emit_json({"device": profile.to_dict(), "llama_cpp": build, "model": name, "plan": plan.to_dict()})
+        return
+    p = profile
+    rows = [
+        ("OS / arch", f"{p.os} / {p.arch}"), ("CPU", p.cpu_model),
+        ("Cores", f"{p.logical_cores} logical, {p.physical_cores} physical: "
+                  f"{p.performance_cores} performance + {p.efficiency_cores} efficiency"),
+        ("SIMD", ", ".join(p.features) or "-"),
+        ("RAM", f"{human_bytes(p.ram_bytes)} ({human_bytes(p.ram_available_bytes)} available)"),
+        ("GPU", p.gpu or "-"), ("Metal", "yes" if p.metal else "no"),
+        ("NNAPI", f"yes (Android API {p.android_sdk})" if p.nnapi else "no"),
+        ("Board", p.board or "-"),
+        ("llama.cpp", _build_line(build)),
+    ]
+    for k, v in rows:
+        out.print(f"[bold]{k:<10}[/bold] {v}")
+    out.print(f"\n[bold]Plan for {name}[/bold]: {plan.backend} on {plan.device}, {plan.threads} threads, "
+              f"{plan.simd}, ~{human_bytes(plan.est_memory_bytes)} ({'fits' if plan.fits else 'does NOT fit'})")
+    for r in plan.reasons:
+        out.print(f"  - {r}")
+    for w in plan.warnings:
+        out.print(f"  [yellow]! {w}[/yellow]")
+
+
+def _artifact(model, n_ctx, store):
+    from ..plan import Artifact
+
+    if model is None and not store.is_pulled(store.DEFAULT_ALIAS):
+        known = store.KNOWN_MODELS[store.DEFAULT_ALIAS]
+        return Artifact("gguf", known.size, "Q4_1"), f"{known.alias} (not pulled yet)", 0
+    ref = store.resolve(model, pull_missing=False)
+    if ref.kind != "gguf":
+        size = sum(f.stat().st_size for f in ref.path.rglob("*") if f.is_file())
+        return Artifact({"hf": "gguf"}.get(ref.kind, ref.kind), size), str(ref.path), 0
+    from ..gguf_check import validate_gguf
+    from ..runtime import kv_cache_bytes
+
+    info = validate_gguf(ref.path)
+    return Artifact("gguf", ref.path.stat().st_size, info.file_type_name), ref.alias or str(ref.path), \
+        kv_cache_bytes(info, n_ctx)
+
+
+def _build_line(build: dict) -> str:
+    if not build.get("available", True) and "features" not in build:
+        return f"not available ({build.get('reason', '')})"
+    feats = [k for k, v in build.get("features", {}).items() if v]
+    gpu = ", offload backends compiled in (GPU/RPC)" if build.get("gpu_offload") else ""
+    return f"llama-cpp-python {build.get('version', '?')}: {' '.join(feats)}{gpu}"

@@ -1,0 +1,91 @@
+"""`edgellm.load`: resolve a model, probe the device, choose a backend, and open a Session."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+from . import store
+from .errors import UnsupportedModelError
+from .gguf_check import GGUFInfo, validate_gguf
+from .runtimes.base import SamplerConfig
+from .runtimes.kv_cache import DiskCache, PrefixCache
+from .session import Session
+
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+            "q5_0": 22 / 32, "q5_1": 24 / 32}
+
+
+def kv_cache_bytes(info: GGUFInfo, n_ctx: int, kv_type: str = "f16") -> int:
+    """Bytes of K and V for n_ctx tokens (what llama.cpp allocates for a standard attention cache)."""
+    hp = info.hparams()
+    head_dim = hp["embedding_length"] // hp["head_count"]
+    per_token = 2 * hp["block_count"] * hp["head_count_kv"] * head_dim
+    return int(per_token * n_ctx * KV_BYTES[kv_type])
+
+
+def model_fingerprint(path: Path, info: GGUFInfo) -> str:
+    """Identify the model's content cheaply: header + tensor table + samples of the tensor data."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(info.data_offset))
+        step = max(1, (size - info.data_offset) // 16)
+        for off in range(info.data_offset, size, step):
+            f.seek(off)
+            h.update(f.read(65536))
+    return h.hexdigest()
+
+
+def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n_ctx: int = 4096,
+         threads: int | None = None, kv_type: str = "f16", flash_attn: bool | None = None,
+         disk_cache: bool | str | os.PathLike[str] = True, memory_cache_mb: int = 512,
+         prompt_state: str | os.PathLike[str] | None = None, sampler: SamplerConfig | None = None) -> Session:
+    """Load a model (store alias, GGUF path; default: the embedded SmolLM2-135M) for generation and chat.
+
+    device: 'auto' (from the device profile), 'cpu', 'metal'/'gpu'. threads: default = the device's
+    performance cores (or EDGELLM_THREADS). disk_cache: True (under EDGELLM_HOME/kv), a directory, or
+    False. prompt_state: a file from `cache_prompt` whose KV state is reused for matching prompts.
+    """
+    from .device import probe
+    from .plan import Artifact, choose
+    from .runtimes.llamacpp import LlamaCppBackend, LlamaOptions
+
+    ref = store.resolve(model)
+    if ref.kind != "gguf":
+        raise UnsupportedModelError(
+            f"{ref.path} is a {ref.kind} model; the runtime loads GGUF files — convert it first "
+            f"(edgellm convert {ref.path} -o model.gguf)")
+    info = validate_gguf(ref.path)
+    options = LlamaOptions(n_ctx=n_ctx, threads=1, kv_type=kv_type, flash_attn=flash_attn)  # validates options
+    n_ctx_eff = min(n_ctx, info.hparams().get("context_length") or n_ctx)
+    plan = choose(probe(), Artifact("gguf", ref.path.stat().st_size, info.file_type_name),
+                  requested_device=device, threads=threads, n_ctx=n_ctx_eff, env=os.environ,
+                  kv_bytes=kv_cache_bytes(info, n_ctx_eff, kv_type))
+    from dataclasses import replace
+    options = replace(options, threads=plan.threads, gpu_layers=plan.gpu_layers)
+    fingerprint = hashlib.sha256(
+        f"{model_fingerprint(ref.path, info)}|{_llama_version()}|{kv_type}|{flash_attn}|{plan.device}".encode()
+    ).hexdigest()
+    backend = LlamaCppBackend(ref.path, options, device=plan.device, fingerprint=fingerprint)
+    disk = None
+    if disk_cache:
+        root = store.home() / "kv" if disk_cache is True else Path(disk_cache)
+        disk = DiskCache(root, fingerprint)
+    template = backend.metadata("tokenizer.chat_template")
+    session = Session(backend, ref.path, plan=plan, template=template,
+                      memory_cache=PrefixCache(memory_cache_mb << 20), disk_cache=disk,
+                      default_sampler=sampler or SamplerConfig())
+    if prompt_state is not None:
+        session.import_state(prompt_state)
+    return session
+
+
+def _llama_version() -> str:
+    import llama_cpp
+
+    return str(llama_cpp.__version__)
+
+

@@ -1,0 +1,297 @@
+"""llama.cpp backend (CPU SIMD, Metal) through llama-cpp-python's low-level bindings.
+
+We drive llama.cpp directly rather than through `llama_cpp.Llama`: its high-level loop copies
+every logits row into numpy and samples in Python, which costs small models ~15% of decode speed.
+Here the sampler chain is llama.cpp's own and logits are copied only when asked for.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.errors import BackendError, ContextOverflowError, InvalidModelError, UsageError
+
+from .base import Capabilities, SamplerConfig
+
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}
+
+_log_callback = None  # keep the ctypes callback alive for the process lifetime
+
+
+def _llama():
+    try:
+        import llama_cpp
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise BackendError(f"llama-cpp-python is not installed or failed to load: {e}") from None
+    return llama_cpp
+
+
+def init_native_logging(verbose: bool | None = None) -> None:
+    """Silence llama.cpp's own logging unless --verbose / EDGELLM_LOG=debug."""
+    global _log_callback
+    llama_cpp = _llama()
+    if verbose is None:
+        verbose = os.environ.get("EDGELLM_LOG", "").lower() in ("debug", "verbose", "1")
+    if _log_callback is None:
+        llama_cpp.llama_backend_init()
+
+    @llama_cpp.llama_log_callback
+    def _cb(level, text, user_data):  # noqa: ARG001 - ctypes signature
+        if verbose and text:
+            os.write(2, text)
+
+    _log_callback = _cb
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+@dataclass(frozen=True)
+class LlamaOptions:
+    n_ctx: int = 4096
+    threads: int = 4
+    threads_batch: int | None = None
+    gpu_layers: int = 0
+    flash_attn: bool | None = None  # None = llama.cpp decides
+    kv_type: str = "f16"
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    use_mmap: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kv_type not in KV_TYPES:
+            raise UsageError(f"unknown KV-cache type {self.kv_type!r}; choose from {', '.join(KV_TYPES)}")
+        if self.n_ctx < 16:
+            raise UsageError("context size must be at least 16 tokens")
+        if self.threads < 1:
+            raise UsageError("threads must be ≥ 1")
+
+
+class LlamaCppBackend:
+    """One llama.cpp model + context holding a single sequence."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, options: LlamaOptions, *, device: str = "cpu", fingerprint: str = "") -> None:
+        init_native_logging()
+        ll = self._ll = _llama()
+        self.options = options
+        self.device = device
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = options.gpu_layers
+        mparams.use_mmap = options.use_mmap
+        self._model = ll.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self._model:
+            raise InvalidModelError(f"{path}: llama.cpp could not load the model (run with --verbose for its log)")
+        n_ctx_train = ll.llama_model_n_ctx_train(self._model)
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = min(options.n_ctx, n_ctx_train) if n_ctx_train > 0 else options.n_ctx
+        cparams.n_batch = min(options.n_batch, cparams.n_ctx)
+        cparams.n_ubatch = min(options.n_ubatch, cparams.n_batch)
+        cparams.n_threads = options.threads
+        cparams.n_threads_batch = options.threads_batch or options.threads
+        cparams.no_perf = True
+        cparams.type_k = cparams.type_v = KV_TYPES[options.kv_type]
+        fa = {None: ll.LLAMA_FLASH_ATTN_TYPE_AUTO, True: ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+              False: ll.LLAMA_FLASH_ATTN_TYPE_DISABLED}[options.flash_attn]
+        cparams.flash_attn_type = fa
+        self._ctx = ll.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            ll.llama_model_free(self._model)
+            self._model = None
+            raise BackendError(
+                f"llama.cpp could not create a context of {cparams.n_ctx} tokens "
+                f"(KV type {options.kv_type}{', flash attention' if options.flash_attn else ''}); "
+                "try a smaller --ctx or another --kv-type")
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        self._mem = ll.llama_get_memory(self._ctx)
+        self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        self._n_ctx = ll.llama_n_ctx(self._ctx)
+        self._n_batch = cparams.n_batch
+        self._n_past = 0
+        self._one = (ll.llama_token * 1)()
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._piece_cache: dict[int, bytes] = {}
+        self._sampler = None
+        self.fingerprint = fingerprint
+        self.capabilities = Capabilities(kv_state=True, logits=True, gpu=options.gpu_layers != 0,
+                                         extra={"kv_type": options.kv_type})
+
+    # -- facts -------------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
+    def n_past(self) -> int:
+        return self._n_past
+
+    def metadata(self, key: str) -> str | None:
+        ll = self._ll
+        size = ll.llama_model_meta_val_str(self._model, key.encode(), None, 0)
+        if size < 0:
+            return None
+        buf = ctypes.create_string_buffer(size + 1)
+        ll.llama_model_meta_val_str(self._model, key.encode(), buf, size + 1)
+        return buf.value.decode("utf-8", errors="replace")
+
+    def model_size(self) -> int:
+        return int(self._ll.llama_model_size(self._model))
+
+    def n_params(self) -> int:
+        return int(self._ll.llama_model_n_params(self._model))
+
+    # -- tokens ------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        ll = self._ll
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise BackendError("llama.cpp failed to tokenize the text")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes a token stands for; control tokens render empty unless `special`."""
+        piece = None if special else self._piece_cache.get(token)
+        if piece is None:
+            n = self._ll.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self._ll.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+                piece = buf.raw[:n]
+            else:
+                piece = self._piece_buf.raw[:n]
+            if not special:
+                self._piece_cache[token] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._ll.llama_vocab_is_eog(self._vocab, token))
+
+    def special_token(self, which: str) -> int | None:
+        fn = {"bos": "llama_vocab_bos", "eos": "llama_vocab_eos", "eot": "llama_vocab_eot"}[which]
+        tok = getattr(self._ll, fn)(self._vocab)
+        return None if tok < 0 else int(tok)
+
+    def add_bos(self) -> bool:
+        return bool(self._ll.llama_vocab_get_add_bos(self._vocab))
+
+    # -- evaluation --------------------------------------------------------------------------
+    def eval(self, tokens: Sequence[int]) -> None:
+        ll = self._ll
+        if self._n_past + len(tokens) > self._n_ctx:
+            raise ContextOverflowError(
+                f"{self._n_past + len(tokens)} tokens do not fit the {self._n_ctx}-token context")
+        for start in range(0, len(tokens), self._n_batch):
+            chunk = tokens[start:start + self._n_batch]
+            if len(chunk) == 1:
+                self._one[0] = chunk[0]
+                arr = self._one
+            else:
+                arr = (ll.llama_token * len(chunk))(*chunk)
+            rc = ll.llama_decode(self._ctx, ll.llama_batch_get_one(arr, len(chunk)))
+            if rc != 0:
+                self.truncate(self._n_past)  # drop whatever the failed batch left behind
+                if rc == 1:
+                    raise ContextOverflowError("no room left in the KV cache for this batch")
+                raise BackendError(f"llama_decode failed with code {rc}")
+            self._n_past += len(chunk)
+
+    def reset_sampler(self, config: SamplerConfig, history: Sequence[int] = ()) -> None:
+        ll = self._ll
+        if self._sampler is not None:
+            ll.llama_sampler_free(self._sampler)
+        sparams = ll.llama_sampler_chain_default_params()
+        sparams.no_perf = True
+        chain = ll.llama_sampler_chain_init(sparams)
+        if config.repeat_penalty != 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
+                self._n_vocab, config.repeat_last_n, config.repeat_penalty, 0.0, 0.0))
+        if config.greedy:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+        else:
+            if config.top_k > 0:
+                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(config.top_k))
+            if config.top_p < 1.0:
+                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(config.top_p, 1))
+            if config.min_p > 0.0:
+                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(config.min_p, 1))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(config.temperature))
+            seed = config.seed if config.seed is not None else 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
+        if config.repeat_penalty != 1.0:
+            for tok in history[-config.repeat_last_n:] if config.repeat_last_n else ():
+                ll.llama_sampler_accept(chain, tok)
+        self._sampler = chain
+
+    def sample(self, config: SamplerConfig) -> int:
+        if self._sampler is None:
+            self.reset_sampler(config)
+        return int(self._ll.llama_sampler_sample(self._sampler, self._ctx, -1))
+
+    def logits(self) -> np.ndarray:
+        ptr = self._ll.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+
+    # -- KV state ----------------------------------------------------------------------------
+    def truncate(self, n: int) -> None:
+        if n < 0 or n > self._n_past:
+            raise UsageError(f"cannot truncate the KV cache to {n} tokens (it holds {self._n_past})")
+        if n == 0:
+            self._ll.llama_memory_clear(self._mem, True)
+        elif not self._ll.llama_memory_seq_rm(self._mem, 0, n, -1):
+            raise BackendError("llama.cpp could not truncate the KV cache")
+        self._n_past = n
+
+    def save_state(self) -> bytes:
+        ll = self._ll
+        size = ll.llama_state_seq_get_size(self._ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = ll.llama_state_seq_get_data(self._ctx, buf, size, 0)
+        return bytes(memoryview(buf)[:written])
+
+    def load_state(self, data: bytes, n_tokens: int) -> None:
+        ll = self._ll
+        if n_tokens > self._n_ctx:
+            raise ContextOverflowError(f"a saved state of {n_tokens} tokens does not fit the {self._n_ctx}-token context")
+        ll.llama_memory_clear(self._mem, True)
+        self._n_past = 0
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if ll.llama_state_seq_set_data(self._ctx, buf, len(data), 0) == 0:
+            ll.llama_memory_clear(self._mem, True)
+            raise BackendError("llama.cpp rejected the saved KV state")
+        self._n_past = n_tokens
+
+    def close(self) -> None:
+        ll = self._ll
+        if self._sampler is not None:
+            ll.llama_sampler_free(self._sampler)
+            self._sampler = None
+        if getattr(self, "_ctx", None):
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
+        try:
+            self.close()
+        except Exception:
+            pass

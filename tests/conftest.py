@@ -1,0 +1,26 @@
+"""Shared fixtures: the real default model (pulled once into the user's store) and a loaded session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("EDGELLM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from edgellm import store
+
+    return store.pull(store.DEFAULT_ALIAS, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def llm(default_model_path):
+    """The real default model, greedy by default, no disk cache (tests that need one make their own)."""
+    import edgellm
+
+    session = edgellm.load(default_model_path, n_ctx=2048, disk_cache=False, sampler=edgellm.GREEDY)
+    yield session
+    session.close()
