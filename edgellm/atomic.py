@@ -26,6 +26,7 @@ def atomic_path(dest: Path, *, directory: bool = False) -> Iterator[Path]:
         tmp = Path(name)
     try:
         yield tmp
+        _umask_mode(tmp, directory)
         if directory and dest.is_dir():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -35,6 +36,13 @@ def atomic_path(dest: Path, *, directory: bool = False) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask_mode(path: Path, directory: bool) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) paths; give the artifact normal permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 
 def write_atomic(dest: Path, data: bytes) -> None:

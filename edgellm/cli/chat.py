@@ -72,17 +72,21 @@ def command(model: str | None, system: str | None, prompt_state: str | None, tru
                 last = _answer(conv, text)
         except EdgeLLMError as e:
             err.print(f"[red]error:[/red] {e}")
+        except KeyboardInterrupt:
+            err.print("[dim](interrupted)[/dim]")
     llm.close()
 
 
 def _answer(conv, text: str):
-    stream = conv.stream(text)
+    stream = None
     try:
+        stream = conv.stream(text)
         for piece in stream:
             out.print(piece, end="")
             sys.stdout.flush()
     except KeyboardInterrupt:
-        stream.close()
+        if stream is not None:
+            stream.close()
         out.print()
         err.print("[dim](interrupted — history unchanged)[/dim]")
         return None
@@ -107,10 +111,12 @@ def _read(interactive: bool) -> str | None:
             line = input(("... " if lines else ">>> ") if interactive else "")
         except EOFError:
             return "\n".join(lines) if lines else None
-        except KeyboardInterrupt:
-            if interactive:
-                out.print()
-            return None
+        except KeyboardInterrupt:  # like a shell: Ctrl-C abandons the line, Ctrl-D quits
+            if not interactive:
+                return None
+            err.print("^C [dim](/exit or Ctrl-D to quit)[/dim]")
+            lines, block = [], False
+            continue
         if not lines and line.strip().startswith('"""'):
             block = True
             line = line.strip()[3:]
