@@ -213,6 +213,35 @@ class LlamaCppBackend:
                 raise BackendError(f"llama_decode failed with code {rc}")
             self._n_past += len(chunk)
 
+    def eval_all_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append tokens and return the logits of every one of them (n, n_vocab), for evaluation."""
+        ll = self._ll
+        if self._n_past + len(tokens) > self._n_ctx:
+            raise ContextOverflowError(
+                f"{self._n_past + len(tokens)} tokens do not fit the {self._n_ctx}-token context")
+        out = np.empty((len(tokens), self._n_vocab), dtype=np.float32)
+        batch = ll.llama_batch_init(self._n_batch, 0, 1)
+        try:
+            for start in range(0, len(tokens), self._n_batch):
+                chunk = tokens[start:start + self._n_batch]
+                for i, tok in enumerate(chunk):
+                    batch.token[i] = tok
+                    batch.pos[i] = self._n_past + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1
+                batch.n_tokens = len(chunk)
+                rc = ll.llama_decode(self._ctx, batch)
+                if rc != 0:
+                    self.truncate(self._n_past)
+                    raise BackendError(f"llama_decode failed with code {rc}")
+                ptr = ll.llama_get_logits(self._ctx)
+                out[start:start + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk), self._n_vocab))
+                self._n_past += len(chunk)
+        finally:
+            ll.llama_batch_free(batch)
+        return out
+
     def reset_sampler(self, config: SamplerConfig, history: Sequence[int] = ()) -> None:
         ll = self._ll
         if self._sampler is not None:

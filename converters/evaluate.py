@@ -1,0 +1,96 @@
+"""Quality of a converted model against a reference: perplexity, KL divergence, top-1 agreement.
+
+Both models run in llama.cpp over the same tokens, chunk by chunk; like llama.cpp's perplexity
+tool, only the second half of each chunk is scored so every scored token has at least ctx/2
+tokens of context. Logits never accumulate: each chunk is reduced to per-token figures at once.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.errors import UsageError
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    model: str
+    reference: str
+    tokens_scored: int
+    perplexity: float
+    ref_perplexity: float
+    mean_kld: float
+    p99_kld: float
+    top1_agreement: float
+    size_bytes: int
+    bits_per_weight: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(ref: np.ndarray, cand: np.ndarray, targets: np.ndarray, rows: int = 64
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token KLD(ref‖cand), top-1 agreement, and the NLL of `targets` under cand and under ref."""
+    kld, agree, nll, ref_nll = [], [], [], []
+    for s in range(0, len(ref), rows):
+        lp, lq = _log_softmax(ref[s:s + rows]), _log_softmax(cand[s:s + rows])
+        kld.append((np.exp(lp) * (lp - lq)).sum(axis=-1))
+        agree.append(lp.argmax(axis=-1) == lq.argmax(axis=-1))
+        idx = np.arange(len(lq))
+        nll.append(-lq[idx, targets[s:s + rows]])
+        ref_nll.append(-lp[idx, targets[s:s + rows]])
+    return np.concatenate(kld), np.concatenate(agree), np.concatenate(nll), np.concatenate(ref_nll)
+
+
+def evaluate(model: str | os.PathLike[str], reference: str | os.PathLike[str], text: str, *, ctx: int = 512,
+             threads: int | None = None, max_chunks: int | None = None,
+             progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Score `model` against `reference` (both GGUF) on `text` (held out from calibration)."""
+    import edgellm
+    from edgellm.gguf_check import validate_gguf
+
+    if ctx < 16:
+        raise UsageError("--ctx must be at least 16 tokens")
+    kw = dict(n_ctx=ctx, threads=threads, disk_cache=False)
+    with edgellm.load(reference, **kw) as ref, edgellm.load(model, **kw) as cand:
+        if ref.backend.n_vocab != cand.backend.n_vocab:
+            raise UsageError(f"the model's vocabulary ({cand.backend.n_vocab}) differs from the reference's "
+                             f"({ref.backend.n_vocab}): KL divergence needs the same tokenizer")
+        tokens = ref.tokenize(text)
+        n_chunks = len(tokens) // ctx
+        if max_chunks:
+            n_chunks = min(n_chunks, max_chunks)
+        if n_chunks < 1:
+            raise UsageError(f"the evaluation text has {len(tokens)} tokens; at least {ctx} (one chunk) are needed")
+        parts: list[tuple[np.ndarray, ...]] = []
+        first = ctx // 2
+        for c in range(n_chunks):
+            chunk = tokens[c * ctx:(c + 1) * ctx]
+            logits = []
+            for session in (ref, cand):
+                session.backend.truncate(0)
+                session.tokens.clear()
+                logits.append(session.backend.eval_all_logits(chunk)[first:-1])
+            targets = np.asarray(chunk[first + 1:])
+            parts.append(compare_logits(logits[0], logits[1], targets))
+            if progress:
+                progress(c + 1, n_chunks)
+    kld, agree, nll, ref_nll = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    info = validate_gguf(model)
+    size = Path(model).stat().st_size
+    return EvalResult(
+        model=str(model), reference=str(reference), tokens_scored=int(kld.size),
+        perplexity=float(np.exp(nll.mean())), ref_perplexity=float(np.exp(ref_nll.mean())),
+        mean_kld=float(kld.mean()), p99_kld=float(np.percentile(kld, 99)), top1_agreement=float(agree.mean()),
+        size_bytes=size, bits_per_weight=8 * size / max(info.n_params, 1))

@@ -1,0 +1,112 @@
+"""The one reference forward pass (numpy, float32) for Llama-family checkpoints.
+
+Calibration statistics (the importance matrix for quantization, and later pruning scores) all
+come from here, so there is a single implementation to trust. It follows the Hugging Face
+modelling code (rotate-half RoPE, grouped-query attention, SwiGLU MLP, RMSNorm) and is checked
+against llama.cpp's logits in the tests. Hand-written: no light library runs a HF checkpoint
+without torch, and the runtime must stay torch-free.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+Hook = Callable[[str, np.ndarray], None]  # (GGUF tensor name of a linear layer, its input rows)
+
+
+@dataclass(frozen=True)
+class Dims:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    eps: float
+    rope_theta: float
+    tied: bool
+
+
+def _rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w
+
+
+def _rope(x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
+    """x: (n, heads, head_dim); HF's rotate-half convention."""
+    d = x.shape[-1]
+    inv = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = np.outer(pos, inv)
+    cos = np.concatenate([np.cos(ang)] * 2, axis=-1).astype(np.float32)[:, None, :]
+    sin = np.concatenate([np.sin(ang)] * 2, axis=-1).astype(np.float32)[:, None, :]
+    half = d // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rot * sin
+
+
+def forward(dims: Dims, weight: Callable[[str], np.ndarray | None], tokens: Iterable[int], *,
+            hook: Hook | None = None, logits: bool = True) -> np.ndarray:
+    """Run tokens (one sequence, from position 0) and return logits (n, vocab) or the final hidden state.
+
+    `weight(hf_name)` returns a float32 array (None for an absent bias). `hook` sees the input of
+    every linear layer under its GGUF name, which is what llama.cpp's quantizer keys imatrix data by.
+    """
+    toks = np.asarray(list(tokens), dtype=np.int64)
+    n = len(toks)
+    pos = np.arange(n)
+    h = weight("model.embed_tokens.weight")[toks].astype(np.float32)
+    mask = np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
+    group = dims.n_head // dims.n_head_kv
+
+    def linear(x: np.ndarray, hf: str, gguf_name: str) -> np.ndarray:
+        if hook is not None:
+            hook(gguf_name, x)
+        y = x @ weight(f"{hf}.weight").T
+        b = weight(f"{hf}.bias")
+        return y + b if b is not None else y
+
+    for i in range(dims.n_layer):
+        p = f"model.layers.{i}"
+        x = _rmsnorm(h, weight(f"{p}.input_layernorm.weight"), dims.eps)
+        q = linear(x, f"{p}.self_attn.q_proj", f"blk.{i}.attn_q.weight").reshape(n, dims.n_head, dims.head_dim)
+        k = linear(x, f"{p}.self_attn.k_proj", f"blk.{i}.attn_k.weight").reshape(n, dims.n_head_kv, dims.head_dim)
+        v = linear(x, f"{p}.self_attn.v_proj", f"blk.{i}.attn_v.weight").reshape(n, dims.n_head_kv, dims.head_dim)
+        q, k = _rope(q, pos, dims.rope_theta), _rope(k, pos, dims.rope_theta)
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(dims.head_dim) + mask
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(n, dims.n_head * dims.head_dim)
+        h = h + linear(attn, f"{p}.self_attn.o_proj", f"blk.{i}.attn_output.weight")
+        x = _rmsnorm(h, weight(f"{p}.post_attention_layernorm.weight"), dims.eps)
+        gate = linear(x, f"{p}.mlp.gate_proj", f"blk.{i}.ffn_gate.weight")
+        up = linear(x, f"{p}.mlp.up_proj", f"blk.{i}.ffn_up.weight")
+        act = gate / (1.0 + np.exp(-gate)) * up
+        h = h + linear(act, f"{p}.mlp.down_proj", f"blk.{i}.ffn_down.weight")
+    h = _rmsnorm(h, weight("model.norm.weight"), dims.eps)
+    if not logits:
+        return h
+    head = "model.embed_tokens" if dims.tied else "lm_head"
+    if hook is not None:
+        hook("output.weight" if not dims.tied else "token_embd.weight", h)
+    return h @ weight(f"{head}.weight").T
+
+
+class ImatrixCollector:
+    """Mean of squared inputs per column of every linear layer: llama.cpp's importance matrix."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, name: str, x: np.ndarray) -> None:
+        sq = (x.astype(np.float64) ** 2).sum(axis=0)
+        if name in self.sums:
+            self.sums[name] += sq
+        else:
+            self.sums[name] = sq
+        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+    def means(self) -> dict[str, np.ndarray]:
+        return {k: (v / self.counts[k]).astype(np.float32) for k, v in self.sums.items()}
