@@ -6,12 +6,16 @@ it is complete.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from edgellm.atomic import atomic_path
 from edgellm.errors import ConversionError, UsageError
@@ -41,8 +45,47 @@ class QuantResult:
         return 8 * self.bytes / max(self.n_params, 1)
 
 
-def quantize(src: Path, dest: Path, quant: str, *, threads: int | None = None) -> QuantResult:
-    """Write `src` (a validated GGUF) quantized to `quant` at `dest`; nothing appears at `dest` on failure."""
+def _imatrix_array(imatrix: Mapping[str, np.ndarray], keep: list) -> object:
+    """A NULL-terminated llama_model_imatrix_data[] (the arrays are kept alive in `keep`)."""
+    import llama_cpp
+
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+    for i, (name, values) in enumerate(imatrix.items()):
+        arr = np.ascontiguousarray(values, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ConversionError(f"importance matrix for {name} has non-finite values")
+        keep.append(arr)
+        entries[i].name = name.encode()
+        entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = arr.size
+    keep.append(entries)
+    return entries
+
+
+def _overrides_array(overrides: Mapping[str, str], keep: list) -> object:
+    """A NULL-terminated llama_model_tensor_override[]: exact tensor name → ggml type."""
+    import llama_cpp
+
+    entries = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for i, (name, type_name) in enumerate(overrides.items()):
+        try:
+            ggml_type = int(gguf.GGMLQuantizationType[type_name.upper()])
+        except KeyError:
+            raise UsageError(f"unknown tensor type {type_name!r} for {name}") from None
+        entries[i].pattern = f"^{re.escape(name)}$".encode()
+        entries[i].type = ggml_type
+    keep.append(entries)
+    return entries
+
+
+def quantize(src: Path, dest: Path, quant: str, *, threads: int | None = None,
+             imatrix: Mapping[str, np.ndarray] | None = None,
+             overrides: Mapping[str, str] | None = None) -> QuantResult:
+    """Write `src` (a validated GGUF) quantized to `quant` at `dest`; nothing appears at `dest` on failure.
+
+    `imatrix`: per-tensor mean squared input activations (GGUF tensor names), which llama.cpp's
+    quantizer uses as per-column weights. `overrides`: exact tensor name → type, for mixed precision.
+    """
     import llama_cpp
 
     from edgellm.gguf_check import validate_gguf
@@ -55,6 +98,13 @@ def quantize(src: Path, dest: Path, quant: str, *, threads: int | None = None) -
     params.ftype = ftype
     params.nthread = threads or os.cpu_count() or 1
     params.allow_requantize = True  # a quantized source is dequantized tensor by tensor, then requantized
+    keep: list = []
+    if imatrix:
+        params.imatrix = ctypes.cast(_imatrix_array(imatrix, keep),
+                                     ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if overrides:
+        params.tt_overrides = ctypes.cast(_overrides_array(overrides, keep),
+                                          ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     t0 = time.perf_counter()
     with atomic_path(Path(dest)) as tmp:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
