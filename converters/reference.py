@@ -73,11 +73,12 @@ def forward(dims: Dims, weight: Callable[[str], np.ndarray | None], tokens: Iter
         v = linear(x, f"{p}.self_attn.v_proj", f"blk.{i}.attn_v.weight").reshape(n, dims.n_head_kv, dims.head_dim)
         q, k = _rope(q, pos, dims.rope_theta), _rope(k, pos, dims.rope_theta)
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(dims.head_dim) + mask
+        qh, kh, vh = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (heads, n, d): BLAS matmuls
+        scores = qh @ kh.transpose(0, 2, 1) * np.float32(1 / np.sqrt(dims.head_dim)) + mask
         scores -= scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)
-        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(n, dims.n_head * dims.head_dim)
+        attn = (probs @ vh).transpose(1, 0, 2).reshape(n, dims.n_head * dims.head_dim)
         h = h + linear(attn, f"{p}.self_attn.o_proj", f"blk.{i}.attn_output.weight")
         x = _rmsnorm(h, weight(f"{p}.post_attention_layernorm.weight"), dims.eps)
         gate = linear(x, f"{p}.mlp.gate_proj", f"blk.{i}.ffn_gate.weight")
@@ -85,12 +86,11 @@ def forward(dims: Dims, weight: Callable[[str], np.ndarray | None], tokens: Iter
         act = gate / (1.0 + np.exp(-gate)) * up
         h = h + linear(act, f"{p}.mlp.down_proj", f"blk.{i}.ffn_down.weight")
     h = _rmsnorm(h, weight("model.norm.weight"), dims.eps)
+    if hook is not None:  # a tied output matrix is token_embd in llama.cpp, and keyed so
+        hook("token_embd.weight" if dims.tied else "output.weight", h)
     if not logits:
         return h
-    head = "model.embed_tokens" if dims.tied else "lm_head"
-    if hook is not None:
-        hook("output.weight" if not dims.tied else "token_embd.weight", h)
-    return h @ weight(f"{head}.weight").T
+    return h @ weight(f"{'model.embed_tokens' if dims.tied else 'lm_head'}.weight").T
 
 
 class ImatrixCollector:

@@ -5,44 +5,81 @@ from pathlib import Path
 
 import click
 
-from .output import emit_json, err, human_bytes, out, spinner
+from .output import emit_json, err, human_bytes, out
 
 
 @click.command("convert")
 @click.argument("source", default="smollm2-135m")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Output GGUF file (written atomically: nothing appears there until it is complete).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Output GGUF file (or directory with --to hf); nothing appears there until it is complete.")
 @click.option("--quant", default="Q4_K_M", show_default=True,
-              help="Quantization type: F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_0 Q5_1 Q4_K_M Q4_0 Q4_1 IQ4_NL IQ4_XS ...")
+              help="F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_0 Q5_1 Q4_K_M Q4_0 Q4_1 IQ4_NL IQ4_XS (and Q4_K_S Q5_K_S Q3_K_M Q2_K).")
+@click.option("--to", "to", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True,
+              help="Output format: a GGUF file, or a Hugging Face directory (safetensors + tokenizer.json).")
+@click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Calibration text for the importance matrix [default: the text shipped with edgellm].")
+@click.option("--calib-tokens", type=int, default=4096, show_default=True, help="Calibration tokens to use.")
+@click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix (like plain llama-quantize).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--threads", type=int, default=None, help="Quantizer threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def command(source: str, output: Path, quant: str, threads: int | None, as_json: bool) -> None:
-    """Quantize a GGUF model (a store alias or a .gguf path) with llama.cpp's own quantizer.
+def command(source: str, output: Path, quant: str, to: str, calib: Path | None, calib_tokens: int,
+            no_imatrix: bool, force: bool, threads: int | None, as_json: bool) -> None:
+    """Convert a model — a Hugging Face directory (Llama, SmolLM2, Qwen2, Mistral) or a GGUF file
+    (dequantized, then requantized) — into a quantized GGUF, or a GGUF back into a HF directory.
+
+    Quantized types are made by llama.cpp's own quantizer, guided by an importance matrix that
+    edgellm computes on calibration text with its reference forward pass.
 
     \b
-    Example:
-      edgellm convert smollm2-135m -o smollm2-q4_0.gguf --quant Q4_0
-    The input is validated before llama.cpp reads it; the summary prints size, bits per weight,
-    time and every setting used, so the run can be repeated.
+    Examples:
+      edgellm convert smollm2-135m -o smollm2-q4km.gguf              # defaults: Q4_K_M, imatrix on
+      edgellm convert ./my-hf-model -o model-q8.gguf --quant Q8_0
+      edgellm convert smollm2-135m --to hf -o smollm2-hf/            # GGUF → HF (F32 safetensors)
     """
-    from edgellm.converters.quantize import ftype_of, quantize
+    from edgellm.converters.pipeline import convert
 
-    from .. import store
-    from ..errors import UnsupportedModelError
+    from ..errors import UsageError
 
-    ftype_of(quant)  # reject a bad type before any work
-    ref = store.resolve(source)
-    if ref.kind != "gguf":
-        raise UnsupportedModelError(f"{ref.path} is a {ref.kind} model; this version converts GGUF sources only")
-    src_size = ref.path.stat().st_size
-    with spinner(f"quantizing {ref.path.name} → {quant.upper()} …"):
-        res = quantize(ref.path, output, quant, threads=threads)
-    summary = {"source": str(ref.path), "output": str(res.path), "quant": res.quant, "bytes": res.bytes,
-               "source_bytes": src_size, "bits_per_weight": round(res.bits_per_weight, 3),
-               "parameters": res.n_params, "seconds": round(res.seconds, 2), "threads": threads or "all"}
+    if output.exists() and not force:
+        raise UsageError(f"{output} exists; pass --force to replace it")
+    text = calib.read_text(encoding="utf-8") if calib else None
+    with _progress(enabled=err.is_terminal and not as_json) as report:
+        res = convert(source, output, quant=quant, to=to, calib_text=text, imatrix=not no_imatrix,
+                      calib_tokens=calib_tokens, threads=threads, progress=report)
+    summary = {**res.to_dict(), "settings": {"quant": quant.upper(), "to": to, "imatrix": not no_imatrix,
+                                             "calib": str(calib) if calib else "built-in", "calib_tokens": calib_tokens,
+                                             "threads": threads or "all"}}
     if as_json:
         emit_json(summary)
         return
-    err.print(f"{ref.path.name} ({human_bytes(src_size)}) → {res.path} ({human_bytes(res.bytes)}, "
-              f"{res.bits_per_weight:.2f} bits/weight, {res.quant}) in {res.seconds:.1f} s")
-    out.print(str(res.path))
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in res.stages.items())
+    err.print(f"{Path(res.source).name} → {res.output}: {human_bytes(res.bytes)}, {res.bits_per_weight:.2f} bits/weight"
+              f"{', ' + res.quant if res.quant else ''}, {res.seconds:.1f} s ({stages})")
+    err.print(f"[dim]settings: quant={quant.upper()} to={to} imatrix={not no_imatrix} "
+              f"calib={calib or 'built-in'} calib_tokens={calib_tokens} (used {res.imatrix_tokens})[/dim]")
+    out.print(res.output)
+
+
+def _progress(enabled: bool):
+    """A rich progress bar per stage on a terminal; a no-op reporter in pipes."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                   console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def run():
+        with bar:
+            def report(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+            yield report
+
+    return run()
