@@ -7,82 +7,38 @@ reader streams the header once, bounds every length and count by the bytes left 
 work is O(header bytes)), never reads tensor data, and checks what llama.cpp would otherwise abort or
 fail on (types of the keys it reads, tensor layout, hparams against tensor shapes, tokenizer arrays).
 Constants (value/tensor types, block sizes, key and tensor names) come from the gguf package.
+This module is the bounded format reader; the llama.cpp-specific rules live in edgellm.gguf_rules.
 """
 from __future__ import annotations
 
 import os
-import re
 import struct
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NoReturn
 
 import gguf
-from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
+from gguf import GGUFValueType as VT
 
 from edgellm.errors import InvalidModelError, UnsupportedModelError
+from edgellm.gguf_rules import (  # noqa: F401  (rule names stay importable from here)
+    _ARCH_NAMES, _STR, _U32, MAX_EXPERTS, MAX_HPARAM, MAX_LAYERS, PRE_TOKENIZERS, ROPE_SCALING_TYPES,
+    TOKEN_ID_KEYS, TOKENIZER_MODELS, _check_arch, _check_key_types, _check_merges, _check_tokenizer, _q)
 
 MAX_STRING = 16 << 20          # one metadata string (chat templates, HF tokenizer JSON fit easily)
 MAX_KEY = 65535                # GGUF spec limit on key length
 MAX_COUNT = 1_000_000          # tensors or KV pairs
 MAX_ELEMENTS = 1 << 40         # per tensor and per dimension
 MAX_NAME = 63                  # GGML_MAX_NAME (64) including the NUL
-MAX_HPARAM = 1_000_000
-MAX_LAYERS = 512               # LLAMA_MAX_LAYERS; llama.cpp aborts beyond it
+MAX_STRINGS = 1 << 22          # entries of one string array (vocabularies are ~32k-262k)
 SUMMARY_OVER = 64              # arrays longer than this are kept as ArraySummary
 _CHUNK = 1 << 20
+_KNOWN_TYPES = {int(t): t for t in gguf.GGML_QUANT_SIZES}
 _REMOVED_TYPES = {4, 5, 31, 32, 33, 36, 37, 38}  # Q4_2, Q4_3, Q4_0_4_4..., IQ4_NL_4_4...: gone from ggml
 _SCALAR = {VT.UINT8: "B", VT.INT8: "b", VT.UINT16: "H", VT.INT16: "h", VT.UINT32: "I", VT.INT32: "i",
            VT.FLOAT32: "f", VT.BOOL: "B", VT.UINT64: "Q", VT.INT64: "q", VT.FLOAT64: "d"}
 _U64 = struct.Struct("<Q")
-_ARCH_NAMES = frozenset(gguf.MODEL_ARCH_NAMES.values())
-_ARCH_BY_NAME = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
-_TENSOR_SUFFIXES = {"weight", "bias", "scale", "scales", "input_scale", "lora_a", "lora_b"}
-_BID = re.compile(r"^(.*?)\.(0|[1-9][0-9]{0,5})\.(.*)$")
-_BYTE_TOKEN = re.compile(rb"<0x[0-9A-Fa-f]{2}>")
-
-# What llama.cpp (as vendored in llama-cpp-python 0.3.36) accepts; anything else fails to load.
-TOKENIZER_MODELS = {"none", "no_vocab", "llama", "bert", "gpt2", "hybriddna", "whitespace", "t5", "rwkv",
-                    "plamo2", "gemma4"}
-_BPE_MODELS = {"gpt2", "hybriddna", "whitespace"}
-PRE_TOKENIZERS = set("""default minicpm5 llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2
-jina-v5-nano deepseek-llm deepseek-coder deepseek-v3 spark2_5 youtu falcon mpt starcoder gpt-2 phi-2 jina-es
-jina-de gigachat jina-v2-es jina-v2-de a.x-4.0 mellum modern-bert jais-2 gemma4 granite-embed-multi-311m
-sarvam-moe jina-v1-en jina-v2-code roberta-bpe whitespace refact command-r qwen2 deepseek-r1-qwen kormo f2llmv2
-qwen35 stablelm2 olmo dbrx smaug-bpe poro-chat chatglm-bpe glm4 glm5 viking jais tekken smollm codeshell bloom
-gpt3-finnish exaone exaone4 exaone-moe chameleon minerva-7b megrez gpt-4o llama4 kanana2 talkie
-granite-embed-multi-97m tiny_aya cohere2moe superbpe trillion granite-docling bailingmoe bailingmoe2 llada-moe
-seed-coder hunyuan hunyuan-dense hy_v4 joyai-llm kimi-k2 ufakzeka grok-2 afmoe laguna minimax-m2 solar-open
-mellum2""".split())
-ROPE_SCALING_TYPES = {"none", "linear", "yarn", "longrope"}
-
-# Types llama.cpp's GGUFMeta enforces for the keys it reads (a mismatch makes it throw or abort).
-_U32, _F32, _BOOL, _STR = "UINT32", "FLOAT32", "BOOL", "STRING"
 _TK = gguf.Keys.Tokenizer
-TOKEN_ID_KEYS = [v for k, v in vars(_TK).items() if k.endswith("_ID")]
-_KEY_TYPES: dict[str, str | tuple[str, ...]] = {
-    "general.architecture": _STR, "general.alignment": _U32, "general.file_type": _U32,
-    "general.quantization_version": _U32, "general.name": _STR, "split.count": "UINT16",
-    _TK.MODEL: _STR, _TK.PRE: _STR, _TK.LIST: "ARRAY[STRING]", _TK.TOKEN_TYPE: "ARRAY[INT32]",
-    _TK.SCORES: ("ARRAY[FLOAT32]", "ARRAY[INT32]"), _TK.MERGES: "ARRAY[STRING]", _TK.TOKEN_TYPE_COUNT: _U32,
-    _TK.ADD_BOS: _BOOL, _TK.ADD_EOS: _BOOL, _TK.ADD_SEP: _BOOL, _TK.ADD_PREFIX: _BOOL,
-    _TK.REMOVE_EXTRA_WS: _BOOL, _TK.CHAT_TEMPLATE: _STR, **{k: _U32 for k in TOKEN_ID_KEYS}}
-_ARCH_KEY_TYPES: dict[str, str] = {
-    **{k: _U32 for k in """context_length embedding_length embedding_length_out block_count vocab_size
-       expert_count expert_group_count expert_group_used_count leading_dense_block_count
-       expert_feed_forward_length expert_shared_feed_forward_length expert_shared_count nextn_predict_layers
-       pooling_type attention.key_length attention.value_length attention.key_length_swa
-       attention.value_length_swa attention.sliding_window attention.q_lora_rank attention.kv_lora_rank
-       rope.dimension_count rope.dimension_count_swa rope.scaling.original_context_length""".split()},
-    **{k: _F32 for k in """rope.freq_base rope.freq_base_swa rope.scaling.factor rope.scale_linear
-       rope.scaling.attn_factor rope.scaling.alpha attention.layer_norm_epsilon
-       attention.layer_norm_rms_epsilon attention.clamp_kqv attention.max_alibi_bias logit_scale
-       embedding_scale residual_scale attention.scale attn_logit_softcapping final_logit_softcapping
-       expert_weights_scale""".split()},
-    **{k: _BOOL for k in "attention.causal rope.scaling.finetuned use_parallel_residual expert_weights_norm".split()},
-    "rope.scaling.type": _STR}
-# llama.cpp reads these as one u32 or a per-layer array of u32/i32 with block_count entries.
-_PER_LAYER_KEYS = ("feed_forward_length", "attention.head_count", "attention.head_count_kv", "expert_used_count")
 
 
 @dataclass(frozen=True)
@@ -308,7 +264,7 @@ def validate_gguf_stream(f: BinaryIO, file_size: int, name: str = "<stream>", re
     meta, types = _read_kv(c, n_kv)
     alignment = meta.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
     if types.get(gguf.Keys.General.ALIGNMENT, _U32) != _U32 or alignment < 1 or alignment & (alignment - 1):
-        c.fail(f"general.alignment must be a UINT32 power of two, got {types.get('general.alignment')} {alignment!r}")
+        c.fail(f"general.alignment must be a UINT32 power of two, got {types.get('general.alignment')} {_q(alignment)}")
     tensors = _read_tensors(c, n_tensors)
     data_offset = -(-c.tell() // alignment) * alignment
     info = GGUFInfo(name, file_size, version, alignment, data_offset, meta, tensors, types)
@@ -319,7 +275,7 @@ def validate_gguf_stream(f: BinaryIO, file_size: int, name: str = "<stream>", re
         c.fail("missing general.architecture")
     if require_arch and arch not in _ARCH_NAMES:
         known = ", ".join(sorted(_ARCH_NAMES)[:8])
-        raise UnsupportedModelError(f"{name}: unknown architecture '{arch}' (known include {known}, ...)")
+        raise UnsupportedModelError(f"{name}: unknown architecture {_q(arch)} (known include {known}, ...)")
     if arch in _ARCH_NAMES and require_arch:
         _check_tokenizer(c, info)
         _check_arch(c, info, arch)
@@ -351,6 +307,8 @@ def _read_kv(c: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, str]]:
             ename = VT(et).name
             types[key] = f"ARRAY[{ename}]"
             if et == VT.STRING:
+                if n > MAX_STRINGS:
+                    c.fail(f"string array '{key}' has {n:,} entries (limit {MAX_STRINGS:,})")
                 items = c.string_list(n, f"'{key}'")
                 try:
                     b"\0".join(items).decode("utf-8")
@@ -362,6 +320,8 @@ def _read_kv(c: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, str]]:
                     _check_merges(c, items)
                 meta[key] = [s.decode() for s in items] if n <= SUMMARY_OVER else ArraySummary(ename, n)
             elif key == _TK.TOKEN_TYPE and et == VT.INT32:
+                if 4 * n > MAX_STRING:
+                    c.fail(f"'{key}' has {n:,} entries, more than any vocabulary")
                 c.fill(4 * n, f"'{key}' values")
                 c.token_types = array("i", c.buf[c.pos:c.pos + 4 * n])
                 c.pos += 4 * n
@@ -396,12 +356,6 @@ def _utf8(s: bytes) -> bool:
         return False
 
 
-def _check_merges(c: _Cursor, items: list[bytes]) -> None:
-    for i, s in enumerate(items):
-        if s.count(b" ") != 1 or s[:1] == b" " or s[-1:] == b" ":
-            c.fail(f"tokenizer.ggml.merges[{i}] ({s[:40]!r}) is not two parts separated by one space")
-
-
 def _read_tensors(c: _Cursor, n_tensors: int) -> list[TensorInfo]:
     tensors: list[TensorInfo] = []
     seen: set[str] = set()
@@ -424,11 +378,11 @@ def _read_tensors(c: _Cursor, n_tensors: int) -> list[TensorInfo]:
         if n_el > MAX_ELEMENTS:
             c.fail(f"tensor '{name}' shape {list(shape)} has {n_el:,} elements (limit {MAX_ELEMENTS:,})")
         t, rel = c.unpack("<IQ", 12, f"type and offset of tensor '{name}'")
-        if t not in QT._value2member_map_ or QT(t) not in gguf.GGML_QUANT_SIZES:
+        if t not in _KNOWN_TYPES:
             if t in _REMOVED_TYPES or t < 64:
                 raise UnsupportedModelError(f"{c.name}: tensor '{name}' has ggml type {t}, which is removed or unknown here")
             c.fail(f"tensor '{name}' has type {t}, which is not a ggml type")
-        qt = QT(t)
+        qt = _KNOWN_TYPES[t]
         block, tsize = gguf.GGML_QUANT_SIZES[qt]
         if shape[0] % block:
             c.fail(f"tensor '{name}' row length {shape[0]:,} is not a multiple of the {qt.name} block size {block}")
@@ -460,176 +414,3 @@ def _check_layout(c: _Cursor, info: GGUFInfo) -> None:
         expected += -(-t.n_bytes // info.alignment) * info.alignment
 
 
-def _check_key_types(c: _Cursor, info: GGUFInfo) -> None:
-    arch = info.metadata.get(gguf.Keys.General.ARCHITECTURE)
-    prefix = f"{arch}." if isinstance(arch, str) else None
-    block_count = info.metadata.get(f"{arch}.block_count")
-    for key, got in info.kv_types.items():
-        want: str | tuple[str, ...] | None = _KEY_TYPES.get(key)
-        if want is None and prefix and key.startswith(prefix):
-            sub = key[len(prefix):]
-            if sub in _PER_LAYER_KEYS:
-                if got.startswith("ARRAY"):
-                    if got not in ("ARRAY[UINT32]", "ARRAY[INT32]") or len(info.metadata[key]) != block_count:
-                        c.fail(f"'{key}' must be a UINT32 or a {block_count}-entry UINT32/INT32 array, got {got} "
-                               f"of {len(info.metadata[key])}")
-                    continue
-                want = _U32
-            else:
-                want = _ARCH_KEY_TYPES.get(sub)
-        if want is not None and got not in ((want,) if isinstance(want, str) else want):
-            c.fail(f"'{key}' has type {got} but llama.cpp reads it as {want if isinstance(want, str) else ' or '.join(want)}")
-    for key in (f"{arch}.rope.scaling.type",):
-        if key in info.metadata and info.metadata[key] not in ROPE_SCALING_TYPES:
-            c.fail(f"'{key}' is {info.metadata[key]!r}, not one of {sorted(ROPE_SCALING_TYPES)}")
-    if info.metadata.get("split.count", 0) > 1:
-        raise UnsupportedModelError(f"{c.name}: split GGUF files are not supported; merge them with llama-gguf-split")
-
-
-def _hp(c: _Cursor, m: dict, key: str, required: bool, lo: int = 1, hi: int = MAX_HPARAM) -> Any:
-    v = m.get(key)
-    if v is None:
-        if required:
-            c.fail(f"missing required key '{key}'")
-        return None
-    for x in (v if isinstance(v, list) else [v]):
-        if not lo <= x <= hi:
-            c.fail(f"'{key}' = {x:,} is out of range {lo}..{hi:,}")
-    return v
-
-
-def _check_arch(c: _Cursor, info: GGUFInfo, arch: str) -> None:
-    m, a = info.metadata, arch
-    march = _ARCH_BY_NAME[arch]
-    kinds = gguf.MODEL_TENSORS.get(march, [])
-    attention = gguf.MODEL_TENSOR.ATTN_Q in kinds or gguf.MODEL_TENSOR.ATTN_QKV in kinds
-    n_layer = _hp(c, m, f"{a}.block_count", True, 1, MAX_HPARAM)
-    if n_layer > MAX_LAYERS:
-        raise UnsupportedModelError(f"{c.name}: {a}.block_count {n_layer:,} exceeds llama.cpp's limit of {MAX_LAYERS}")
-    n_embd = _hp(c, m, f"{a}.embedding_length", True)
-    _hp(c, m, f"{a}.context_length", arch != "clip")
-    n_head = _hp(c, m, f"{a}.attention.head_count", attention, 0 if not attention else 1)
-    dense = arch in _DENSE_ARCHS and not m.get(f"{a}.expert_count")
-    n_head_kv = _hp(c, m, f"{a}.attention.head_count_kv", False, 1 if dense else 0)
-    n_ff = _hp(c, m, f"{a}.feed_forward_length", dense, 1 if dense else 0)
-    if isinstance(n_head, int) and isinstance(n_head_kv, int) and (n_head_kv < 1 or n_head % n_head_kv):
-        c.fail(f"{a}.attention.head_count_kv {n_head_kv} does not divide head_count {n_head}")
-    # Tensor names must be ones llama.cpp knows for this architecture (it refuses any extra tensor).
-    plain = {gguf.TENSOR_NAMES[k] for k in kinds if "{bid}" not in gguf.TENSOR_NAMES[k]}
-    per_block = {gguf.TENSOR_NAMES[k] for k in kinds if "{bid}" in gguf.TENSOR_NAMES[k]}
-    blocks: set[int] = set()
-    for t in info.tensors:
-        base, _, suffix = t.name.rpartition(".")
-        if suffix not in _TENSOR_SUFFIXES:
-            base = t.name
-        mt = _BID.match(base)
-        if mt and f"{mt[1]}.{{bid}}.{mt[3]}" in per_block:
-            if mt[1] == "blk":
-                if int(mt[2]) >= n_layer:
-                    c.fail(f"tensor '{t.name}' is in block {mt[2]} but {a}.block_count is {n_layer}")
-                blocks.add(int(mt[2]))
-        elif base not in plain:
-            c.fail(f"tensor '{t.name}' is not a tensor of architecture '{a}'")
-    if blocks and len(blocks) != n_layer:
-        c.fail(f"block {min(set(range(n_layer)) - blocks)} has no tensors but {a}.block_count is {n_layer}")
-    if dense and all(isinstance(x, int) for x in (n_head, n_ff, n_head_kv or 1)):
-        _check_dense_shapes(c, info, arch, n_layer, n_embd, n_head, n_head_kv or n_head, n_ff)
-
-
-_DENSE_ARCHS = {"llama", "qwen2", "qwen3"}
-_FLOAT_TYPES = {"F32", "F16", "BF16"}
-_NOT_WEIGHTS = {"I8", "I16", "I32", "I64", "F64"}
-
-
-def _check_dense_shapes(c: _Cursor, info: GGUFInfo, arch: str, n_layer: int, n_embd: int, n_head: int,
-                        n_head_kv: int, n_ff: int) -> None:
-    """Shapes llama.cpp's llama/qwen2/qwen3 loaders will ask for, derived from the hyper-parameters."""
-    m, a = info.metadata, arch
-    if n_embd % n_head and f"{a}.attention.key_length" not in m:
-        c.fail(f"{a}.embedding_length {n_embd} is not divisible by attention.head_count {n_head}")
-    dk = m.get(f"{a}.attention.key_length", n_embd // n_head)
-    dv = m.get(f"{a}.attention.value_length", n_embd // n_head)
-    rot = m.get(f"{a}.rope.dimension_count")
-    if arch == "llama" and rot is not None and rot != dk:
-        c.fail(f"{a}.rope.dimension_count {rot} must equal the head size {dk}")
-    if f"{a}.attention.layer_norm_rms_epsilon" not in m:
-        c.fail(f"missing required key '{a}.attention.layer_norm_rms_epsilon'")
-    n_vocab = len(m[_TK.LIST]) if _TK.LIST in m else m.get(f"{a}.vocab_size")
-    q, k, v = dk * n_head, dk * n_head_kv, dv * n_head_kv
-    spec: dict[str, tuple[tuple[int, ...], bool]] = {
-        "token_embd.weight": ((n_embd, n_vocab), True), "output_norm.weight": ((n_embd,), True),
-        "output.weight": ((n_embd, n_vocab), False), "output.bias": ((n_vocab,), False)}
-    if isinstance(rot, int):
-        spec["rope_freqs.weight"] = ((rot // 2,), False)
-    fused = any(t.name.endswith(".attn_qkv.weight") for t in info.tensors)
-    for i in range(n_layer):
-        b = f"blk.{i}."
-        spec.update({
-            b + "attn_norm.weight": ((n_embd,), True), b + "ffn_norm.weight": ((n_embd,), True),
-            b + "attn_q.weight": ((n_embd, q), not fused), b + "attn_k.weight": ((n_embd, k), not fused),
-            b + "attn_v.weight": ((n_embd, v), not fused), b + "attn_qkv.weight": ((n_embd, q + k + v), False),
-            b + "attn_q.bias": ((q,), False), b + "attn_k.bias": ((k,), False), b + "attn_v.bias": ((v,), False),
-            b + "attn_qkv.bias": ((q + k + v,), False),
-            b + "attn_output.weight": ((dv * n_head, n_embd), True), b + "attn_output.bias": ((n_embd,), False),
-            b + "ffn_gate.weight": ((n_embd, n_ff), True), b + "ffn_down.weight": ((n_ff, n_embd), True),
-            b + "ffn_up.weight": ((n_embd, n_ff), True), b + "ffn_gate.bias": ((n_ff,), False),
-            b + "ffn_down.bias": ((n_embd,), False), b + "ffn_up.bias": ((n_ff,), False)})
-        if arch == "qwen3":
-            spec[b + "attn_q_norm.weight"] = ((dk,), True)
-            spec[b + "attn_k_norm.weight"] = ((dk,), True)
-    present = {t.name: t for t in info.tensors}
-    for name, (shape, required) in spec.items():
-        t = present.get(name)
-        if t is None:
-            if required:
-                c.fail(f"missing tensor '{name}' required by architecture '{a}'")
-            continue
-        if t.shape != shape:
-            c.fail(f"tensor '{name}' has shape {list(t.shape)} but the hyper-parameters imply {list(shape)}")
-        if t.type_name in _NOT_WEIGHTS or (len(shape) == 1 and t.type_name not in _FLOAT_TYPES):
-            c.fail(f"tensor '{name}' has type {t.type_name}, which llama.cpp cannot compute with here")
-    extra = sorted(set(present) - set(spec))
-    if extra:
-        c.fail(f"tensor '{extra[0]}' is not used by llama.cpp's '{a}' loader (it would refuse the file)")
-
-
-def _check_tokenizer(c: _Cursor, info: GGUFInfo) -> None:
-    """What llama.cpp's vocabulary loader needs; duplicate tokens make it abort (GGML_ASSERT)."""
-    m = info.metadata
-    model = m.get(_TK.MODEL)
-    if model is None:
-        c.fail(f"missing required key '{_TK.MODEL}'")
-    if model not in TOKENIZER_MODELS:
-        raise UnsupportedModelError(f"{c.name}: tokenizer model '{model}' is not one llama.cpp knows")
-    if model in ("none", "no_vocab"):
-        return
-    tokens, types = c.tokens, c.token_types
-    if tokens is None:
-        c.fail(f"missing tokenizer vocabulary '{_TK.LIST}'")
-    n = len(tokens)
-    pre = m.get(_TK.PRE)
-    if model in _BPE_MODELS:
-        if _TK.MERGES not in m and pre != "kimi-k2":
-            c.fail(f"BPE tokenizer without '{_TK.MERGES}'")
-        if pre is not None and pre not in PRE_TOKENIZERS:
-            raise UnsupportedModelError(f"{c.name}: pre-tokenizer '{pre}' is not one llama.cpp knows")
-    for key in (_TK.TOKEN_TYPE, _TK.SCORES):
-        if key in m and len(m[key]) != n:
-            c.fail(f"'{key}' has {len(m[key]):,} entries but there are {n:,} tokens")
-    for key in TOKEN_ID_KEYS:
-        if key in m and m[key] >= n:
-            c.fail(f"'{key}' = {m[key]:,} is not below the vocabulary size {n:,}")
-    named = [s or b"[EMPTY_%d]" % i for i, s in enumerate(tokens)] if not all(tokens) else tokens
-    if len(set(named)) != n:  # llama.cpp names empty tokens [EMPTY_i], then asserts the texts are unique
-        seen: dict[bytes, int] = {}
-        for i, s in enumerate(named):
-            if s in seen:
-                c.fail(f"tokenizer.ggml.tokens[{i}] {s[:40]!r} duplicates token {seen[s]}")
-            seen[s] = i
-    if types is not None and n and (min(types) < 0 or max(types) > 6):
-        bad = next(i for i, t in enumerate(types) if not 0 <= t <= 6)
-        c.fail(f"tokenizer.ggml.token_type[{bad}] = {types[bad]} is not a token type (0..6)")
-    for i in (i for i, t in enumerate(types or ()) if t == 6):  # BYTE tokens are parsed as <0xHH>
-        if not _BYTE_TOKEN.fullmatch(tokens[i]):
-            c.fail(f"tokenizer.ggml.tokens[{i}] {tokens[i][:40]!r} has type BYTE but is not of the form <0xHH>")
-    c.tokens = c.token_types = None
