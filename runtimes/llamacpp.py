@@ -270,6 +270,12 @@ class LlamaCppBackend:
         self._sampler = chain
 
     def sample(self, config: SamplerConfig) -> int:
+        if config.greedy and config.repeat_penalty == 1.0:
+            # Greedy without penalties is an argmax over the logits row, read in place (~7 µs);
+            # llama.cpp's greedy sampler first fills a 49k-entry candidate array (~110 µs per token).
+            # Ties go to the lowest id, as in llama.cpp's greedy sampler.
+            ptr = self._ll.llama_get_logits_ith(self._ctx, -1)
+            return int(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).argmax())
         if self._sampler is None:
             self.reset_sampler(config)
         return int(self._ll.llama_sampler_sample(self._sampler, self._ctx, -1))

@@ -39,8 +39,8 @@ def test_turns_reuse_the_context_and_match_a_cold_evaluation(default_model_path,
     disk cache continues with exactly the same tokens; and the reused state matches a cold
     evaluation of the same history.
 
-    llama.cpp's CPU kernels are batch-size dependent (flash attention switches to a tiled kernel
-    for ubatches of >= 64 queries), so a history whose answers were decoded one token at a time is
+    llama.cpp's CPU kernels are batch-size dependent (matrix products and attention take other code
+    paths for one token than for a batch), so a history whose answers were decoded one token at a time is
     not bit-identical to the same history evaluated in one batch: that comparison uses the
     next-token distribution (KL divergence), while restore-vs-uninterrupted is exact.
     """
