@@ -23,7 +23,9 @@ from typing import Any
 
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary we can cache and copy
+    # Shared, like the wheel: at run time llama-bench loads the very libllama/libggml that edgellm uses
+    # (LD_LIBRARY_PATH below), so the comparison isolates the driver loop from build differences.
+    "-DBUILD_SHARED_LIBS=ON",
     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON",
     "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
     "-DGGML_NATIVE=ON",
@@ -116,12 +118,30 @@ def ensure_llama_bench(sdist: Path | None = None) -> Path:
         if built is None:
             raise RuntimeError("the build finished but produced no llama-bench binary")
         target.parent.mkdir(parents=True, exist_ok=True)
+        for lib in build.rglob("lib*.so*"):  # helper libraries the wheel may not ship (e.g. common)
+            if lib.is_file() and not lib.is_symlink():
+                shutil.copy2(lib, target.parent / lib.name)
+        for link in build.rglob("lib*.so*"):
+            if link.is_symlink() and not (target.parent / link.name).exists():
+                (target.parent / link.name).symlink_to(os.readlink(link))
         tmp_target = target.with_suffix(".tmp")
         shutil.copy2(built, tmp_target)
         os.replace(tmp_target, target)  # atomic: a half-copied binary is never cached
     (target.parent / "build.json").write_text(json.dumps(
         {"version": version, "cmake_flags": list(CMAKE_FLAGS), "compiler": _compiler()}, indent=1))
     return target
+
+
+def wheel_lib_dir() -> Path:
+    import llama_cpp
+
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+def _lib_env(exe: Path) -> dict[str, str]:
+    """The wheel's libllama/libggml first, then the helper libraries cached beside the binary."""
+    paths = [str(wheel_lib_dir()), str(exe.parent), os.environ.get("LD_LIBRARY_PATH", "")]
+    return {**os.environ, "LD_LIBRARY_PATH": ":".join(p for p in paths if p)}
 
 
 def run_llama_bench(model: str | os.PathLike[str], threads: int, n_prompt: int = 512, n_gen: int = 128,
@@ -135,7 +155,7 @@ def run_llama_bench(model: str | os.PathLike[str], threads: int, n_prompt: int =
            "-r", str(reps), "-o", "json"]
     if flash_attn is not None:
         cmd += ["-fa", "on" if flash_attn else "off"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_lib_env(exe))
     if proc.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     rows = json.loads(proc.stdout)
