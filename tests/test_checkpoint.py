@@ -273,22 +273,25 @@ def test_memory_stays_bounded_by_the_largest_tensor(tiny_hf, tmp_path):
 
 @pytest.mark.slow
 def test_default_model_gguf_to_hf_and_back(default_model_path, tmp_path):
-    """Q4_1 SmolLM2 -> HF (dequantized F32): transformers agrees with llama.cpp; -> GGUF F32 loads, generates,
-    and keeps the tokenizer and the dequantized weights exactly."""
+    """Q4_1 SmolLM2 -> HF (dequantized F32) -> GGUF F32: transformers on the HF export and llama.cpp on
+    the F32 GGUF agree (same weights on both sides); it generates, and keeps tokenizer and weights exactly.
+
+    (Against the Q4_1 file itself llama.cpp quantizes activations to Q8_1, so only ~0.998 is expected.)"""
     src = read_gguf(default_model_path)
     write_hf(src, tmp_path / "hf")
+    info = write_gguf(read_hf(tmp_path / "hf"), tmp_path / "f32.gguf")
+    assert info.quant_summary() == "F32"
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    with edgellm.load(default_model_path, disk_cache=False, n_ctx=256, threads=2) as s:
+    with edgellm.load(tmp_path / "f32.gguf", disk_cache=False, n_ctx=256, threads=2, sampler=edgellm.GREEDY) as s:
         ids = s.tokenize(s.render([{"role": "user", "content": "What is the capital of France?"}]))
         with torch.no_grad():
             ref = model(torch.tensor([ids])).logits[0, -1].numpy()
-        assert cosine(s.logits(ids), ref) >= 0.999
-    del model
-    info = write_gguf(read_hf(tmp_path / "hf"), tmp_path / "f32.gguf")
-    assert info.quant_summary() == "F32"
-    with edgellm.load(tmp_path / "f32.gguf", disk_cache=False, n_ctx=256, threads=2, sampler=edgellm.GREEDY) as s:
+        assert cosine(s.logits(ids), ref) >= 0.9999
         out = s.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=12)
         assert "Paris" in out.text
+    del model
+    with edgellm.load(default_model_path, disk_cache=False, n_ctx=256, threads=2) as q:
+        assert cosine(q.logits(ids), ref) >= 0.99  # the shipped Q4_1 file: same model, activation-quantized
     orig, back = gguf.GGUFReader(default_model_path), gguf.GGUFReader(tmp_path / "f32.gguf")
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.pre",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template",
