@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 
 from . import store
-from .errors import UnsupportedModelError
+from .errors import InsufficientMemoryError, UnsupportedModelError
 from .gguf_check import GGUFInfo, validate_gguf
 from .runtimes.base import SamplerConfig
 from .runtimes.kv_cache import DiskCache, PrefixCache
@@ -42,12 +43,14 @@ def model_fingerprint(path: Path, info: GGUFInfo) -> str:
 def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n_ctx: int = 4096,
          threads: int | None = None, kv_type: str = "f16", flash_attn: bool | None = None,
          disk_cache: bool | str | os.PathLike[str] = True, memory_cache_mb: int = 512,
-         prompt_state: str | os.PathLike[str] | None = None, sampler: SamplerConfig | None = None) -> Session:
+         prompt_state: str | os.PathLike[str] | None = None, sampler: SamplerConfig | None = None,
+         check_memory: bool = True) -> Session:
     """Load a model (store alias, GGUF path; default: the embedded SmolLM2-135M) for generation and chat.
 
     device: 'auto' (from the device profile), 'cpu', 'metal'/'gpu'. threads: default = the device's
     performance cores (or EDGELLM_THREADS). disk_cache: True (under EDGELLM_HOME/kv), a directory, or
     False. prompt_state: a file from `cache_prompt` whose KV state is reused for matching prompts.
+    Refuses (InsufficientMemoryError) before loading a model whose weights and KV cache would not fit.
     """
     from .device import probe
     from .plan import Artifact, choose
@@ -64,7 +67,10 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
     plan = choose(probe(), Artifact("gguf", ref.path.stat().st_size, info.file_type_name),
                   requested_device=device, threads=threads, n_ctx=n_ctx_eff, env=os.environ,
                   kv_bytes=kv_cache_bytes(info, n_ctx_eff, kv_type))
-    from dataclasses import replace
+    if not plan.fits and check_memory:
+        raise InsufficientMemoryError(
+            f"{next((w for w in plan.warnings if 'MiB' in w), 'the model does not fit in memory')}; "
+            "use a smaller quantization or context (--ctx), or pass check_memory=False to try anyway")
     if flash_attn is None and plan.device == "cpu" and kv_type in ("f16", "f32", "bf16"):  # quantized V needs FA
         # llama.cpp's CPU flash attention is slow for short batches over a long KV cache (llama-bench,
         # SmolLM2-135M, 2 threads: decode at depth 900 41 vs 82 tok/s; a 25-token turn 3x slower) and

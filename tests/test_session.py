@@ -222,3 +222,15 @@ def test_logits_on_demand(llm):
     logits = llm.logits("The capital of France is")
     assert logits.shape == (49152,) and np.isfinite(logits).all()
     assert llm.detokenize([int(np.argmax(logits))]).strip() != ""
+
+
+def test_too_little_memory_is_refused_before_loading(default_model_path, monkeypatch):
+    import dataclasses
+
+    from edgellm import device
+    from edgellm.errors import InsufficientMemoryError
+
+    tiny = dataclasses.replace(device.probe(), ram_bytes=64 << 20, ram_available_bytes=48 << 20)
+    monkeypatch.setattr(device, "probe", lambda: tiny)
+    with pytest.raises(InsufficientMemoryError, match="MiB"):
+        edgellm.load(default_model_path, disk_cache=False)
