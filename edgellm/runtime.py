@@ -69,8 +69,8 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
                   kv_bytes=kv_cache_bytes(info, n_ctx_eff, kv_type))
     if not plan.fits and check_memory:
         raise InsufficientMemoryError(
-            f"{next((w for w in plan.warnings if 'MiB' in w), 'the model does not fit in memory')}; "
-            "use a smaller quantization or context (--ctx), or pass check_memory=False to try anyway")
+            f"{next((w for w in plan.warnings if 'MiB' in w), 'the model does not fit in memory')} "
+            "(or pass check_memory=False to try anyway)")
     if flash_attn is None and plan.device == "cpu" and kv_type in ("f16", "f32", "bf16"):  # quantized V needs FA
         # llama.cpp's CPU flash attention is slow for short batches over a long KV cache (llama-bench,
         # SmolLM2-135M, 2 threads: decode at depth 900 41 vs 82 tok/s; a 25-token turn 3x slower) and
