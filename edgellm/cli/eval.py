@@ -10,27 +10,51 @@ from .output import emit_json, err, out
 
 @click.command("eval")
 @click.argument("model")
-@click.option("--ref", "reference", required=True, help="Reference model (e.g. the F32 or F16 GGUF).")
+@click.option("--ref", "reference", default=None,
+              help="Reference model (e.g. the F32 or F16 GGUF); required unless --sweep.")
+@click.option("--sweep", "sweep_types", default=None, metavar="TYPES",
+              help="Comma list of types (e.g. Q4_0,IQ4_NL,Q4_K_M,Q5_K_M,Q8_0): quantize MODEL, the F32/F16 "
+                   "reference, to each with llama.cpp's presets and with edgellm's calibration, and score both.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --sweep: write a size-vs-KLD chart (PNG; needs matplotlib).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --sweep: also write the rows as JSON to this file.")
+@click.option("--calib", "calib_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --sweep: calibration text [default: the calibration text shipped with edgellm].")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Held-out text [default: the held-out text shipped with edgellm].")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk (the second half is scored).")
 @click.option("--chunks", type=int, default=None, help="Score at most this many chunks [default: all].")
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True)
-def command(model: str, reference: str, text_file: Path | None, ctx: int, chunks: int | None,
-            threads: int | None, as_json: bool) -> None:
+def command(model: str, reference: str | None, sweep_types: str | None, plot_file: Path | None,
+            out_file: Path | None, calib_file: Path | None, text_file: Path | None, ctx: int,
+            chunks: int | None, threads: int | None, as_json: bool) -> None:
     """Perplexity, mean and p99 KL divergence to a reference, top-1 agreement, size and bits per
     weight. Use text the model was not calibrated on.
 
     \b
-    Example:
+    Examples:
       edgellm eval smollm2-q4_0.gguf --ref smollm2-f32.gguf
+      edgellm eval smollm2-f32.gguf --sweep Q4_0,IQ4_NL,Q4_K_M,Q5_K_M,Q8_0 --plot sweep.png --chunks 4
     """
     from edgellm.converters.evaluate import evaluate
 
     from .. import store
+    from ..errors import UsageError
     from ..texts import heldout_text
 
+    if sweep_types is not None:
+        if reference:
+            raise UsageError("--ref is not used with --sweep: MODEL itself is the reference (an F32 or F16 GGUF)")
+        _sweep(model, sweep_types, plot_file, out_file, calib_file, text_file, ctx, chunks, threads, as_json)
+        return
+    if reference is None:
+        raise UsageError("missing --ref REF: the reference model to compare against (e.g. the F32 GGUF), "
+                         "or use --sweep TYPES to quantize MODEL and compare")
+    for flag, value in (("--plot", plot_file), ("--out", out_file), ("--calib", calib_file)):
+        if value is not None:
+            raise UsageError(f"{flag} goes with --sweep")
     text = text_file.read_text(encoding="utf-8") if text_file else heldout_text()
     m, r = store.resolve(model).path, store.resolve(reference).path
     progress = None
@@ -47,3 +71,41 @@ def command(model: str, reference: str, text_file: Path | None, ctx: int, chunks
               f"PPL        {res.perplexity:.3f} (reference {res.ref_perplexity:.3f})\n"
               f"KLD        mean {res.mean_kld:.5f}, p99 {res.p99_kld:.5f}\n"
               f"top-1      {100 * res.top1_agreement:.2f}% agreement over {res.tokens_scored} tokens")
+
+
+def _sweep(model: str, types: str, plot_file: Path | None, out_file: Path | None, calib_file: Path | None,
+           text_file: Path | None, ctx: int, chunks: int | None, threads: int | None, as_json: bool) -> None:
+    """`eval --sweep`: the candidates are quantized into a temporary folder that is removed afterwards."""
+    import json
+    import tempfile
+
+    from edgellm.converters.sweep import plot, sweep, sweep_types, write_table
+
+    from .. import store
+
+    kinds = sweep_types(types.split(","))  # a typo fails now, not after calibration
+    if plot_file is not None:
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:
+            from ..errors import UsageError
+            raise UsageError("--plot needs matplotlib: pip install matplotlib")
+    ref = store.resolve(model).path
+    calib = calib_file.read_text(encoding="utf-8") if calib_file else None
+    text = text_file.read_text(encoding="utf-8") if text_file else None
+    progress = None
+    if err.is_terminal:
+        def progress(stage: str, done: int, total: int) -> None:
+            err.print(f"\r\x1b[K{stage} {done}/{total}", end="")
+    with tempfile.TemporaryDirectory(prefix="edgellm-sweep-") as work:
+        rows = sweep(ref, kinds, calib_text=calib, text=text, ctx=ctx, max_chunks=chunks, workdir=Path(work),
+                     threads=threads, progress=progress)
+    if progress:
+        err.print()
+    if out_file:
+        out_file.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    if plot_file:
+        err.print(f"plot: {plot(rows, plot_file, title=f'{Path(ref).name}: size vs KL divergence')}")
+    if as_json:
+        emit_json(rows)
+    else:
+        out.print(write_table(rows))

@@ -1,0 +1,149 @@
+"""Quality sweep: llama.cpp's presets against edgellm's calibrated quantization, type by type.
+
+Every type is quantized twice from the same reference: "llama.cpp" is what llama-quantize gives
+without an importance matrix (the obvious alternative users would run by hand), "edgellm" passes
+the importance matrix edgellm computes from calibration text. Both are scored against the
+reference on held-out text, so the two series on one size-vs-KLD chart show what calibration buys.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from edgellm.errors import UsageError
+
+from .checkpoint import Checkpoint
+from .evaluate import evaluate
+from .pipeline import FLOAT_TYPES, _imatrix
+from .quantize import ftype_of, quantize
+
+VARIANTS = ("llama.cpp", "edgellm")
+Progress = Callable[[str, int, int], None]  # (stage, done, total), as in pipeline.convert
+
+
+def sweep_types(types: Sequence[str]) -> list[str]:
+    """Validated, upper-cased, de-duplicated quantized types (checked before any slow work starts)."""
+    out: list[str] = []
+    for t in types:
+        key = t.strip().upper()
+        if not key:
+            continue
+        ftype_of(key)
+        if key in FLOAT_TYPES:
+            raise UsageError(f"{key} is not quantized, so it has no calibrated variant; sweep quantized types "
+                             "(e.g. Q4_0,IQ4_NL,Q4_K_M,Q5_K_M,Q8_0) against an F32/F16 reference")
+        if key not in out:
+            out.append(key)
+    if not out:
+        raise UsageError("--sweep needs at least one quantization type, e.g. Q4_0,Q4_K_M,Q8_0")
+    return out
+
+
+def sweep(reference_f32: Path, types: Sequence[str], *, ckpt: Checkpoint | None = None, calib_text: str | None = None,
+          calib_tokens: int = 2048, text: str | None = None, ctx: int = 512, max_chunks: int | None = 4,
+          workdir: Path, threads: int | None = None, keep: bool = False,
+          progress: Progress | None = None) -> list[dict]:
+    """Quantize `reference_f32` to each type with and without edgellm's importance matrix and score both.
+
+    The imatrix is computed once (from `calib_text`, default: the shipped calibration text) on `ckpt`
+    (default: the checkpoint read from the reference) and reused for every type. Quantized files go to
+    `workdir` and are deleted after scoring unless `keep`, so disk use stays at one candidate.
+    Returns one row per (type, variant): variant, quant, bytes, bpw, ppl, mean_kld, p99_kld, top1.
+    """
+    from edgellm.texts import heldout_text
+
+    types = sweep_types(types)
+    reference_f32 = Path(reference_f32)
+    if ckpt is None:
+        from .gguf_source import read_gguf
+        ckpt = read_gguf(reference_f32)
+    text = heldout_text() if text is None else text
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    imatrix, _ = _imatrix(ckpt, reference_f32, calib_text, calib_tokens, progress)
+    rows: list[dict] = []
+    total = 2 * len(types)
+    for quant in types:
+        for variant in VARIANTS:
+            if progress:
+                progress(f"{quant} {variant}", len(rows), total)
+            dest = workdir / f"{quant.lower()}-{variant.replace('.', '_')}.gguf"
+            q = quantize(reference_f32, dest, quant, threads=threads,
+                         imatrix=imatrix if variant == "edgellm" else None)
+            try:
+                r = evaluate(q.path, reference_f32, text, ctx=ctx, threads=threads, max_chunks=max_chunks)
+            finally:
+                if not keep:
+                    q.path.unlink(missing_ok=True)
+            rows.append({"variant": variant, "quant": quant, "bytes": q.bytes, "bpw": round(r.bits_per_weight, 4),
+                         "ppl": r.perplexity, "mean_kld": r.mean_kld, "p99_kld": r.p99_kld,
+                         "top1": r.top1_agreement})
+    if progress:
+        progress("done", total, total)
+    return rows
+
+
+def kld_ratios(rows: Sequence[dict]) -> dict[str, float]:
+    """edgellm mean KLD / llama.cpp mean KLD per type (the same type gives the same size either way)."""
+    by = {(r["quant"], r["variant"]): r["mean_kld"] for r in rows}
+    return {q: by[(q, "edgellm")] / by[(q, "llama.cpp")] for q, v in by if v == "edgellm"
+            and by.get((q, "llama.cpp"), 0) > 0}
+
+
+def write_table(rows: Sequence[dict]) -> str:
+    """A Markdown table, smallest file first; edgellm rows carry their KLD relative to llama.cpp's."""
+    ratios = kld_ratios(rows)
+    lines = ["| type | variant | size (MB) | bits/weight | PPL | mean KLD | p99 KLD | top-1 | KLD vs llama.cpp |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["bytes"], r["quant"], VARIANTS.index(r["variant"]))):
+        ratio = f"{ratios[r['quant']]:.2f}×" if r["variant"] == "edgellm" and r["quant"] in ratios else ""
+        lines.append(f"| {r['quant']} | {r['variant']} | {r['bytes'] / 1e6:.1f} | {r['bpw']:.2f} | {r['ppl']:.3f} "
+                     f"| {r['mean_kld']:.5f} | {r['p99_kld']:.4f} | {100 * r['top1']:.2f}% | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict], path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """Size (MB) vs mean KLD (log scale), one labelled series per variant, each point named by its type."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("plotting the sweep needs matplotlib: pip install matplotlib") from None
+    fig = Figure(figsize=(8, 5), dpi=120)  # a bare Figure on Agg: no pyplot, no global backend switch
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    styles = {"llama.cpp": ("tab:gray", "s", "llama.cpp presets (llama-quantize, no imatrix)"),
+              "edgellm": ("tab:blue", "o", "edgellm (calibrated importance matrix)")}
+    for variant in VARIANTS:
+        pts = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["bytes"])
+        if not pts:
+            continue
+        color, marker, label = styles[variant]
+        xs, ys = [r["bytes"] / 1e6 for r in pts], [r["mean_kld"] for r in pts]
+        ax.plot(xs, ys, marker=marker, color=color, label=label)
+        side = 1 if variant == "edgellm" else -1  # edgellm's names right of its points, llama.cpp's left
+        span = (max(r["bytes"] for r in rows) - min(r["bytes"] for r in rows)) / 1e6 or 1.0
+        stack, prev = 0, None
+        for r, x, y in zip(pts, xs, ys):
+            # near-equal sizes crowd one spot: shift their names 0, +8, -8, +16 … points vertically
+            stack = stack + 1 if prev is not None and x - prev < 0.03 * span else 0
+            prev = x
+            ax.annotate(r["quant"], (x, y), textcoords="offset points", fontsize=7, color=color,
+                        xytext=(6 * side, (-1) ** stack * 8 * ((stack + 1) // 2) - 3),
+                        ha="left" if side > 0 else "right")
+    ax.set_yscale("log")
+    ax.margins(x=0.07)  # room for the outermost names
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("mean KL divergence to the reference (log)")
+    ax.set_title(title or "Size vs quality: llama.cpp presets and edgellm")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+__all__ = ["VARIANTS", "kld_ratios", "plot", "sweep", "sweep_types", "write_table"]
