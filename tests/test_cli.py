@@ -97,7 +97,7 @@ def test_convert_is_atomic_and_a_kill_leaves_nothing(tmp_path, default_model_pat
 
 
 def test_chat_in_a_pseudo_terminal(tmp_path, default_model_path):
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "120"}
     child = pexpect.spawn(EDGELLM[0], [*EDGELLM[1:], "chat", "-t", "0", "-n", "300", "--no-disk-cache"],
                           env=env, encoding="utf-8", timeout=120)

@@ -288,7 +288,6 @@ class Worker:
 
 
 def test_fuzz_gguf_header(default_model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    pytest.importorskip("llama_cpp")
     original = validate_gguf(default_model_path)
     size, data_offset = original.file_size, original.data_offset
     with open(default_model_path, "rb") as f:
