@@ -96,7 +96,7 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
         im, n_tok = None, 0
         if imatrix:
             t = time.perf_counter()
-            im, n_tok = _imatrix(ckpt, base, calib_text, calib_tokens, progress)
+            im, n_tok = calibration_imatrix(ckpt, base, calib_text, calib_tokens, progress)
             stages["imatrix"] = time.perf_counter() - t
         t = time.perf_counter()
         quantize(base, out, quant, threads=threads, imatrix=im)
@@ -106,7 +106,8 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
     return done("gguf", quant, n_tok)
 
 
-def _imatrix(ckpt, gguf_path: Path, text: str | None, max_tokens: int, progress: Progress | None):
+def calibration_imatrix(ckpt, gguf_path: Path, text: str | None, max_tokens: int, progress: Progress | None = None):
+    """The importance matrix of `ckpt` on calibration text, tokenized by llama.cpp from `gguf_path`."""
     import edgellm
 
     from edgellm.texts import calibration_text

@@ -15,7 +15,7 @@ from edgellm.errors import UsageError
 
 from .checkpoint import Checkpoint
 from .evaluate import evaluate
-from .pipeline import FLOAT_TYPES, _imatrix
+from .pipeline import FLOAT_TYPES, calibration_imatrix
 from .quantize import ftype_of, quantize
 
 VARIANTS = ("llama.cpp", "edgellm")
@@ -61,7 +61,7 @@ def sweep(reference_f32: Path, types: Sequence[str], *, ckpt: Checkpoint | None 
     text = heldout_text() if text is None else text
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    imatrix, _ = _imatrix(ckpt, reference_f32, calib_text, calib_tokens, progress)
+    imatrix, _ = calibration_imatrix(ckpt, reference_f32, calib_text, calib_tokens, progress)
     rows: list[dict] = []
     total = 2 * len(types)
     for quant in types:
