@@ -15,11 +15,10 @@ from edgellm.errors import UsageError
 
 from .checkpoint import Checkpoint
 from .evaluate import evaluate
-from .pipeline import FLOAT_TYPES, calibration_imatrix
+from .pipeline import FLOAT_TYPES, Progress, calibration_imatrix
 from .quantize import ftype_of, quantize
 
 VARIANTS = ("llama.cpp", "edgellm")
-Progress = Callable[[str, int, int], None]  # (stage, done, total), as in pipeline.convert
 
 
 def sweep_types(types: Sequence[str]) -> list[str]:

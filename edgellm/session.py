@@ -137,8 +137,7 @@ class Session:
 
     def stream(self, prompt: str, *, max_tokens: int = 256, stop: Sequence[str] = (),
                sampler: SamplerConfig | None = None, **sampling: Any) -> Stream:
-        tokens = self.tokenize(prompt)
-        return Stream(self._run(tokens, max_tokens, sampler_from(sampler or self.default_sampler, sampling), stop))
+        return self._start(self.tokenize(prompt), max_tokens, stop, sampler, sampling)
 
     def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Completion:
         """Answer the last message of a conversation given as [{'role', 'content'}, ...]."""
@@ -146,7 +145,10 @@ class Session:
 
     def chat_stream(self, messages: list[dict[str, Any]], *, max_tokens: int = 256, stop: Sequence[str] = (),
                     sampler: SamplerConfig | None = None, **sampling: Any) -> Stream:
-        tokens = self.tokenize(self.render(messages))
+        return self._start(self.tokenize(self.render(messages)), max_tokens, stop, sampler, sampling)
+
+    def _start(self, tokens: list[int], max_tokens: int, stop: Sequence[str], sampler: SamplerConfig | None,
+               sampling: dict[str, Any]) -> Stream:
         return Stream(self._run(tokens, max_tokens, sampler_from(sampler or self.default_sampler, sampling), stop))
 
     def conversation(self, system: str | None = None, **defaults: Any) -> Conversation:
