@@ -8,7 +8,7 @@ reference on held-out text, so the two series on one size-vs-KLD chart show what
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgellm.errors import UsageError
