@@ -1,0 +1,234 @@
+"""`edgellm convert --format onnx`: a Checkpoint -> an ONNX directory onnxruntime (and edgellm.load) runs.
+
+The directory: model.onnx (graph) + model.onnx.data (weights, external data: no 2 GB protobuf limit),
+tokenizer.json + tokenizer_config.json (chat template), edgellm_onnx.json (model facts the runtime
+needs without parsing the graph). Written beside the destination and renamed into place when complete.
+
+Which part is whose: the graph is emitted by converters/onnx_graph.py and the weights packed by
+converters/onnx_quant.py (both edgellm's own). onnxruntime-genai's model builder is not called: it
+needs torch + transformers and a HF directory, quantizes every matrix alike with plain min/max
+rounding (no calibration, no mixed widths) and has no contrib-free flavour. It stays the anchor the
+benchmark (benchmarks/onnx_bench.py) compares against.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.atomic import atomic_path
+from edgellm.errors import ConversionError, UsageError
+
+from .checkpoint import Checkpoint, gguf_tensor_names
+from .onnx_graph import WeightPlan, build_graph, fused_units, unit_weight
+from .onnx_quant import BitChoice, allocate_bits, bytes_of, quantize_blocks
+
+FLAVOURS = ("fused", "portable")
+QUANTS = {"fused": ("int4", "int8", "f32"), "portable": ("int8", "f16", "f32")}
+DEFAULT_QUANT = {"fused": "int4", "portable": "f16"}
+CONFIG_FILE = "edgellm_onnx.json"
+# int4 size budget, bits per weight of the matrices: what 4-bit blocks of 32 with a float32 scale take
+# (onnxruntime-genai's int4). edgellm spends it on 4-bit blocks of 64 with zero points, plus 8-bit
+# blocks where the calibrated error says they matter most.
+INT4_BUDGET_BPW = 5.0
+BASE4, HIGH8 = BitChoice(4, 64), BitChoice(8, 64)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class OnnxExport:
+    output: str
+    flavour: str
+    quant: str
+    bytes: int              # model.onnx + model.onnx.data (tokenizer files not counted)
+    n_params: int
+    seconds: float
+    nodes: int
+    imatrix_tokens: int = 0
+    bits: dict[str, int] = field(default_factory=dict)   # unit tag -> bits (fused, quantized)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bits_per_weight": round(8 * self.bytes / max(self.n_params, 1), 3)}
+
+
+def export_onnx(ckpt: Checkpoint, dest: str | Path, *, flavour: str = "fused", quant: str = "auto",
+                calib_text: str | None = None, calib_tokens: int = 4096, imatrix: bool = True,
+                budget_bpw: float = INT4_BUDGET_BPW, weights: Callable[[str], np.ndarray] | None = None,
+                importance: dict[str, np.ndarray] | None = None, progress: Progress | None = None) -> OnnxExport:
+    """Write `ckpt` as an ONNX directory at `dest` (graph flavour 'fused' or 'portable').
+
+    `weights`: a converters.calibrate.weight_getter to share between exports of one checkpoint
+    (its float32 tensors are loaded once); `importance`: unit_importance's result, to reuse a calibration."""
+    from .calibrate import weight_getter
+
+    t0 = time.perf_counter()
+    flavour, quant = _check(flavour, quant)
+    weight = weights or weight_getter(ckpt)
+    plan = WeightPlan(portable_dtype=quant if flavour == "portable" else "f32")
+    n_tok = 0
+    if flavour == "fused" and quant != "f32":
+        units = fused_units(ckpt.config)
+        if importance is not None:
+            plan.importance = importance
+        elif imatrix and quant == "int4":
+            plan.importance, n_tok = unit_importance(ckpt, calib_text, calib_tokens, progress)
+        if quant == "int8":
+            plan.bits = {tag: HIGH8 for tag in units}
+        else:
+            plan.bits, plan.quantized = choose_bits(ckpt, weight, plan.importance, budget_bpw, progress)
+    model = build_graph(ckpt.config, weight, flavour, plan, progress=_stage(progress, "graph"))
+    dest = Path(dest)
+    try:
+        with atomic_path(dest, directory=True) as tmp:
+            _save_model(model, tmp / "model.onnx")
+            write_tokenizer(ckpt, tmp)
+            facts = model_facts(ckpt, flavour, quant)
+            (tmp / CONFIG_FILE).write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        what = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+        raise ConversionError(f"could not write {dest}: {what}") from None
+    size = sum(p.stat().st_size for p in dest.glob("model.onnx*"))   # the model; the tokenizer comes on top
+    return OnnxExport(str(dest), flavour, quant, size, ckpt.tensors.n_params(), time.perf_counter() - t0,
+                      len(model.graph.node), n_tok, {t: b.bits for t, b in plan.bits.items()})
+
+
+def _check(flavour: str, quant: str) -> tuple[str, str]:
+    flavour, quant = flavour.lower(), quant.lower()
+    if flavour not in FLAVOURS:
+        raise UsageError(f"unknown ONNX flavour {flavour!r}: choose fused or portable")
+    quant = DEFAULT_QUANT[flavour] if quant == "auto" else quant
+    if quant not in QUANTS[flavour]:
+        raise UsageError(f"the {flavour} ONNX graph takes --quant {', '.join(QUANTS[flavour])} or auto, "
+                         f"not {quant!r}")
+    return flavour, quant
+
+
+def unit_importance(ckpt: Checkpoint, text: str | None, max_tokens: int, progress: Progress | None
+                    ) -> tuple[dict[str, np.ndarray], int]:
+    """The importance matrix (converters.calibrate) per fused unit; units stacking rows share an input."""
+    from edgellm.texts import calibration_text
+
+    from .calibrate import compute_imatrix
+
+    tokens = tokenizer_of(ckpt).encode(text if text is not None else calibration_text()).ids[:max_tokens]
+    if len(tokens) < 64:
+        raise UsageError(f"the calibration text has only {len(tokens)} tokens; give at least a few hundred (--calib)")
+    im = compute_imatrix(ckpt, tokens, progress=_stage(progress, "calibrate"))
+    to_gguf = gguf_tensor_names(ckpt.config)
+    head = "token_embd.weight" if ckpt.config.tie_word_embeddings else "output.weight"
+    out = {}
+    for tag, names in fused_units(ckpt.config).items():
+        key = head if tag == "lm_head" else to_gguf[names[0]]
+        if key in im and tag != "model.embed_tokens":
+            out[tag] = im[key]
+    return out, len(tokens)
+
+
+def choose_bits(ckpt: Checkpoint, weight: Callable[[str], np.ndarray], importance: dict[str, np.ndarray],
+                budget_bpw: float, progress: Progress | None = None):
+    """4-bit everywhere, then 8-bit for the units whose calibrated error drops most per extra byte,
+    within `budget_bpw` bits per weight; returns the choice and the blocks already quantized."""
+    units = fused_units(ckpt.config)
+    shapes = {}
+    quantized, gain = {}, {}
+    report = _stage(progress, "quantize")
+    for i, (tag, names) in enumerate(units.items()):
+        w = unit_weight(weight, names)
+        shapes[tag] = w.shape
+        q4 = quantize_blocks(w, BASE4.bits, BASE4.block, importance.get(tag))
+        quantized[tag] = q4
+        # 8-bit leaves ~1/289 of the 4-bit error ((2^8-1)/(2^4-1))²: the gain is the rest
+        gain[tag] = q4.weighted_error * (1 - (15 / 255) ** 2)
+        if report:
+            report(i + 1, len(units) * 2)
+    gain.pop("model.embed_tokens", None)  # a lookup table: no matmul error to buy down
+    if "model.embed_tokens" in shapes:
+        gain["model.embed_tokens"] = 0.0
+    budget = int(sum(n * k for n, k in shapes.values()) * budget_bpw / 8)
+    bits = allocate_bits(shapes, gain, budget, BASE4, HIGH8)
+    for i, (tag, choice) in enumerate(bits.items()):
+        if choice != BASE4:
+            quantized[tag] = quantize_blocks(unit_weight(weight, units[tag]), choice.bits, choice.block,
+                                             importance.get(tag))
+        if report:
+            report(len(units) + i + 1, len(units) * 2)
+    assert sum(bytes_of(n, k, bits[t]) for t, (n, k) in shapes.items()) <= budget or budget_bpw < 4.6
+    return bits, quantized
+
+
+def _save_model(model, path: Path) -> None:
+    """Weights always go to model.onnx.data: protobuf cannot hold more than 2 GB, and serializing
+    hundreds of MB through protobuf is slower than writing the raw bytes (measured: 13 s vs 6 s, 540 MB)."""
+    import onnx
+
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def tokenizer_of(ckpt: Checkpoint):
+    """A `tokenizers.Tokenizer` that splits text as the source model does."""
+    from tokenizers import Tokenizer
+
+    from .hf_writer import build_tokenizer_json
+
+    text = ckpt.tokenizer.hf_files.get("tokenizer.json") or build_tokenizer_json(ckpt.tokenizer)
+    return Tokenizer.from_str(text)
+
+
+def write_tokenizer(ckpt: Checkpoint, out: Path) -> None:
+    from .hf_writer import build_tokenizer_json, tokenizer_config
+
+    tok = ckpt.tokenizer
+    if "tokenizer.json" in tok.hf_files:
+        for name, text in tok.hf_files.items():
+            (out / name).write_text(text, encoding="utf-8")
+    else:
+        (out / "tokenizer.json").write_text(build_tokenizer_json(tok), encoding="utf-8")
+        cfg = tokenizer_config(tok, ckpt.config.max_position_embeddings)
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+# llama.cpp's end-of-generation heuristics for tokens a vocabulary does not flag as EOS/EOT
+_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "<|end_of_text|>")
+
+
+def model_facts(ckpt: Checkpoint, flavour: str, quant: str) -> dict:
+    """What the runtime reads instead of the graph: shapes, special tokens, chat template, flavour."""
+    c, tok = ckpt.config, ckpt.tokenizer
+    special = {k: v for k, v in tok.special_ids.items()}
+    eog = {v for k, v in special.items() if k in ("eos", "eot", "eom")}
+    eog |= {i for i, t in enumerate(tok.tokens) if t in _EOG_TEXTS}
+    return {
+        "format": "edgellm-onnx", "version": 1, "flavour": flavour, "quant": quant, "name": ckpt.name,
+        "architecture": c.architecture, "num_hidden_layers": c.num_hidden_layers,
+        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "hidden_size": c.hidden_size,
+        "vocab_size": c.vocab_size, "context_length": c.max_position_embeddings,
+        "tied": c.tie_word_embeddings, "attention_bias": c.attention_bias, "tokenizer_model": tok.model,
+        "n_params": ckpt.tensors.n_params(), "add_bos": tok.add_bos, "special_ids": special,
+        "eog_ids": sorted(eog), "control_ids": [i for i, ty in enumerate(tok.token_types) if ty in (3, 2)],
+        "chat_template": tok.chat_template,
+    }
+
+
+def _stage(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:
+    return None if progress is None else (lambda d, t: progress(name, d, t))
+
+
+def convert_to_onnx(source: str, dest: str | Path, *, flavour: str = "fused", quant: str = "auto",
+                    calib_text: str | None = None, calib_tokens: int = 4096, imatrix: bool = True,
+                    progress: Progress | None = None) -> OnnxExport:
+    """`source` (store alias, GGUF file or HF directory) -> ONNX directory `dest`."""
+    from edgellm import store
+
+    from .pipeline import read_checkpoint
+
+    _check(flavour, quant)  # bad options fail before the model is read
+    ref = store.resolve(source)
+    ckpt = read_checkpoint(ref.path, ref.kind)
+    return export_onnx(ckpt, dest, flavour=flavour, quant=quant, calib_text=calib_text, calib_tokens=calib_tokens,
+                       imatrix=imatrix, progress=progress)

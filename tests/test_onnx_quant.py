@@ -1,0 +1,81 @@
+"""MatMulNBits block packing against onnxruntime itself, the calibrated search, the bit allocator, the sampler."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+from edgellm.converters.onnx_quant import BitChoice, allocate_bits, bytes_of, quantize_blocks
+from edgellm.runtimes.base import SamplerConfig
+from edgellm.runtimes.sampling import NumpySampler
+
+
+def _run_nbits(qt, a):
+    import onnxruntime as ort
+
+    inits = [numpy_helper.from_array(qt.data, "B"), numpy_helper.from_array(qt.scales, "S"),
+             numpy_helper.from_array(qt.zero_points, "Z"), numpy_helper.from_array(np.array([qt.n, -1]), "shape")]
+    nodes = [helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft", K=qt.k, N=qt.n,
+                              bits=qt.bits, block_size=qt.block, accuracy_level=0),
+             helper.make_node("Reshape", ["B", "shape"], ["R"]),
+             helper.make_node("GatherBlockQuantized", ["R", "ids", "S", "Z"], ["E"], domain="com.microsoft",
+                              bits=qt.bits, block_size=qt.block, gather_axis=0, quantize_axis=1)]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("A", 1, None),
+                                           helper.make_tensor_value_info("ids", 7, None)],
+                              [helper.make_tensor_value_info("Y", 1, None), helper.make_tensor_value_info("E", 1, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, qt.n - 1, 3]], np.int64)
+    y, e = sess.run(None, {"A": a, "ids": ids})
+    return y, e, ids
+
+
+@pytest.mark.parametrize("bits,block,k", [(4, 32, 576), (4, 64, 576), (8, 64, 1536), (4, 64, 100)])
+def test_blocks_are_what_onnxruntime_computes_with(bits, block, k):
+    rng = np.random.default_rng(bits + block + k)
+    w = rng.normal(size=(24, k)).astype(np.float32)
+    qt = quantize_blocks(w, bits, block, rng.random(k).astype(np.float32))
+    a = rng.normal(size=(1, 3, k)).astype(np.float32)
+    y, e, ids = _run_nbits(qt, a)
+    deq = qt.dequantize()
+    assert np.abs(y - a @ deq.T).max() < 1e-3
+    if k % block == 0:  # GatherBlockQuantized wants whole blocks (the exporter's tables always are)
+        assert np.array_equal(e, deq[ids])
+    rel_rms = np.sqrt(((deq - w) ** 2).mean() / (w ** 2).mean())
+    assert rel_rms < (0.2 if bits == 4 else 0.015)
+    assert qt.nbytes == bytes_of(24, k, BitChoice(bits, block))
+
+
+def test_importance_weighting_lowers_the_error_where_it_counts():
+    rng = np.random.default_rng(0)
+    w = rng.standard_t(3, size=(256, 256)).astype(np.float32)
+    imp = np.exp(rng.normal(size=256) * 2).astype(np.float32)   # a few columns matter far more
+    plain, weighted = quantize_blocks(w, 4, 64), quantize_blocks(w, 4, 64, imp)
+
+    def err(qt):
+        return float((imp * (qt.dequantize() - w) ** 2).sum())
+
+    assert err(weighted) < 0.9 * err(plain)
+
+
+def test_allocator_spends_the_budget_on_the_largest_gain_per_byte():
+    shapes = {"a": (64, 64), "b": (64, 64), "c": (128, 64)}
+    base, high = BitChoice(4, 64), BitChoice(8, 64)
+    budget = sum(bytes_of(n, k, base) for n, k in shapes.values()) + bytes_of(64, 64, high) - bytes_of(64, 64, base)
+    choice = allocate_bits(shapes, {"a": 1.0, "b": 5.0, "c": 6.0}, budget, base, high)
+    assert choice == {"a": base, "b": high, "c": base}  # c gains more but per byte less, and does not fit
+
+
+def test_sampler_follows_its_settings():
+    logits = np.array([0.0, 3.0, 2.9, -1.0, 1.0], np.float32)
+    assert NumpySampler(SamplerConfig(temperature=0)).sample(logits) == 1
+    assert all(NumpySampler(SamplerConfig(top_k=1, seed=s)).sample(logits) == 1 for s in range(5))
+    draws = [NumpySampler(SamplerConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7)).sample(logits)
+             for _ in range(2)]
+    assert draws[0] == draws[1]  # a seed makes it reproducible
+    s = NumpySampler(SamplerConfig(temperature=1.0, top_k=2, min_p=0.0, seed=1))
+    assert {s.sample(logits) for _ in range(50)} == {1, 2}
+    pen = NumpySampler(SamplerConfig(temperature=0, repeat_penalty=2.0), history=[1])
+    assert pen.sample(logits) == 2  # token 1 penalised below token 2
