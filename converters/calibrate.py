@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .checkpoint import Checkpoint, ModelConfig
-from .reference import Dims, ImatrixCollector, forward
+from .reference import Dims, ImatrixCollector, embed, head, layer
 
 
 def dims_of(config: ModelConfig) -> Dims:
@@ -31,12 +31,25 @@ def weight_getter(ckpt: Checkpoint) -> Callable[[str], np.ndarray | None]:
 
 def compute_imatrix(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 512,
                     progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
-    """Mean squared input of every linear layer over `tokens`, keyed by GGUF tensor name."""
-    dims, get = dims_of(ckpt.config), weight_getter(ckpt)
+    """Mean squared input of every linear layer over `tokens`, keyed by GGUF tensor name.
+
+    Layer-major: every chunk passes through layer i before layer i+1 loads, so only one layer's
+    weights (plus the chunks' hidden states) are in memory, whatever the model's size.
+    """
+    dims = dims_of(ckpt.config)
     collector = ImatrixCollector()
     starts = list(range(0, max(len(tokens) - 1, 1), chunk))
-    for i, s in enumerate(starts):
-        forward(dims, get, tokens[s:s + chunk], hook=collector, logits=False)
+    table = weight_getter(ckpt)      # the embedding is read once for every chunk, then dropped
+    states = [embed(table, tokens[s:s + chunk]) for s in starts]
+    del table
+    for i in range(dims.n_layer):
+        get = weight_getter(ckpt)     # a fresh cache per layer: the previous layer's weights are freed
+        states = [layer(dims, get, i, h, collector) for h in states]
         if progress:
-            progress(i + 1, len(starts))
+            progress(i + 1, dims.n_layer + 1)
+    get = weight_getter(ckpt)
+    for h in states:
+        head(dims, get, h, collector, logits=False)
+    if progress:
+        progress(dims.n_layer + 1, dims.n_layer + 1)
     return collector.means()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from edgellm.errors import UsageError
 
+from .calibrate import compute_imatrix
+from .evaluate import evaluate
 from .quantize import QUANT_TYPES, ftype_of, quantize
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -28,6 +30,8 @@ class ConvertResult:
     seconds: float
     imatrix_tokens: int = 0
     stages: dict[str, float] = field(default_factory=dict)
+    recipe: dict[str, int] | None = None        # type -> tensor count, for --target-size
+    evaluation: dict | None = None             # EvalResult.to_dict() against the source, for --eval
 
     @property
     def bits_per_weight(self) -> float:
@@ -49,12 +53,19 @@ def read_checkpoint(path: Path, kind: str):
 
 def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, quant: str = "Q4_K_M",
             to: str = "gguf", calib_text: str | None = None, imatrix: bool = True, calib_tokens: int = 4096,
-            threads: int | None = None, progress: Progress | None = None) -> ConvertResult:
+            threads: int | None = None, progress: Progress | None = None, target_size: int | None = None,
+            target_bpw: float | None = None, recipe: str | os.PathLike[str] | None = None,
+            sensitivity_tokens: int = 1024, eval_text: str | None = None) -> ConvertResult:
     """Convert `source` into `output` (GGUF quantized to `quant`, or a HF directory with to='hf').
 
     For quantized types the importance matrix is computed from `calib_text` (default: the
     calibration text shipped with edgellm) with the reference forward pass and handed to
     llama.cpp's quantizer. Nothing appears at `output` until it is complete.
+
+    `target_size` (bytes) or `target_bpw` (or quant='auto' with one of them) picks a type per tensor
+    under that budget (converters/mixed.py) and saves the recipe beside the output; `recipe` reapplies
+    a saved one. `eval_text` scores the result against its source (mean KLD, PPL) before the staging
+    files go.
     """
     from edgellm import store
 
@@ -63,17 +74,31 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
     if to not in ("gguf", "hf"):
         raise UsageError(f"--to must be gguf or hf, not {to!r}")
     quant = quant.upper()
-    if to == "gguf":
+    mixed = bool(target_size or target_bpw or recipe)
+    if quant == "AUTO" and not mixed:
+        raise UsageError("--quant auto chooses types per tensor for a budget: give --target-size or --target-bpw")
+    if mixed and (to != "gguf" or not imatrix or quant not in ("AUTO", "Q4_K_M")):
+        raise UsageError("--target-size/--target-bpw/--recipe make a GGUF with an importance matrix and choose "
+                         "the types themselves: drop --quant, --to hf and --no-imatrix")
+    if sum(x is not None for x in (target_size, target_bpw, recipe)) > 1:
+        raise UsageError("give one of --target-size, --target-bpw and --recipe")
+    quant = "AUTO" if mixed else quant
+    if to == "gguf" and not mixed:
         ftype_of(quant)
     out = Path(output)
     ref = store.resolve(source)
     ckpt = read_checkpoint(ref.path, ref.kind)
     n_params = ckpt.tensors.n_params()
     stages["read"] = time.perf_counter() - t0
+    if target_bpw is not None:
+        if not 1.0 <= target_bpw <= 32.0:
+            raise UsageError(f"--target-bpw must be between 1 and 32 bits per weight, not {target_bpw}")
+        target_size = int(target_bpw * n_params / 8)
 
-    def done(fmt: str, q: str | None, n_tok: int = 0) -> ConvertResult:
+    def done(fmt: str, q: str | None, n_tok: int = 0, **extra) -> ConvertResult:
         size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-        return ConvertResult(str(ref.path), str(out), fmt, q, size, n_params, time.perf_counter() - t0, n_tok, stages)
+        return ConvertResult(str(ref.path), str(out), fmt, q, size, n_params, time.perf_counter() - t0, n_tok,
+                             stages, **extra)
 
     if to == "hf":
         from .hf_writer import write_hf
@@ -93,32 +118,67 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
             t = time.perf_counter()
             write_gguf(ckpt, base, "F32", progress=_stage(progress, "stage F32"))
             stages["stage_f32"] = time.perf_counter() - t
-        im, n_tok = None, 0
+        im, tokens, rec = None, [], None
         if imatrix:
             t = time.perf_counter()
-            im, n_tok = calibration_imatrix(ckpt, base, calib_text, calib_tokens, progress)
+            tokens = calibration_tokens(base, calib_text, calib_tokens)
+            im = compute_imatrix(ckpt, tokens, progress=_stage(progress, "calibrate"))
             stages["imatrix"] = time.perf_counter() - t
+        if mixed:
+            t = time.perf_counter()
+            rec = size_recipe(ckpt, base, im, tokens[:sensitivity_tokens], target_size, recipe, work, threads,
+                              progress)
+            stages["recipe"] = time.perf_counter() - t
         t = time.perf_counter()
-        quantize(base, out, quant, threads=threads, imatrix=im)
+        quantize(base, out, rec.label if rec else quant, threads=threads, imatrix=im,
+                 overrides=rec.types if rec else None)
         stages["quantize"] = time.perf_counter() - t
+        if rec is not None:
+            from .mixed import recipe_path
+            rec.save(recipe_path(out))
+        scores = None
+        if eval_text is not None:
+            t = time.perf_counter()
+            ctx = min(512, ckpt.config.max_position_embeddings)
+            scores = evaluate(out, base, eval_text, ctx=ctx, threads=threads, max_chunks=8).to_dict()
+            stages["eval"] = time.perf_counter() - t
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return done("gguf", quant, n_tok)
+    return done("gguf", "mixed" if rec else quant, len(tokens), recipe=rec and rec.histogram(), evaluation=scores)
 
 
-def calibration_imatrix(ckpt, gguf_path: Path, text: str | None, max_tokens: int, progress: Progress | None = None):
-    """The importance matrix of `ckpt` on calibration text, tokenized by llama.cpp from `gguf_path`."""
+def size_recipe(ckpt, base: Path, imatrix, tokens: list[int], target_size: int | None, recipe, work: Path,
+                threads: int | None, progress: Progress | None):
+    """The per-tensor types for `target_size` (measured here), or a saved recipe checked against the model."""
+    from .mixed import Recipe, check_recipe, measure_options, plan
+    from .sensitivity import fisher_diagonals
+
+    if recipe is not None:
+        rec = Recipe.load(recipe)
+        check_recipe(rec, ckpt)
+        return rec
+    fisher, n = fisher_diagonals(ckpt, tokens, threads=threads, progress=_stage(progress, "sensitivity"))
+    options, overhead = measure_options(ckpt, base, fisher, n, imatrix, work, threads=threads, progress=progress)
+    return plan(options, overhead, target_size, n)
+
+
+def calibration_tokens(gguf_path: Path, text: str | None, max_tokens: int) -> list[int]:
+    """Calibration text (default: the shipped one) tokenized by llama.cpp's own tokenizer for the file."""
     import edgellm
 
     from edgellm.texts import calibration_text
 
-    from .calibrate import compute_imatrix
-
     text = text if text is not None else calibration_text()
-    with edgellm.load(gguf_path, n_ctx=512, disk_cache=False) as tok:  # llama.cpp's own tokenizer for the file
+    with edgellm.load(gguf_path, n_ctx=512, disk_cache=False) as tok:
         tokens = tok.tokenize(text)[:max_tokens]
     if len(tokens) < 64:
         raise UsageError(f"the calibration text has only {len(tokens)} tokens; give at least a few hundred (--calib)")
+    return tokens
+
+
+def calibration_imatrix(ckpt, gguf_path: Path, text: str | None, max_tokens: int, progress: Progress | None = None):
+    """The importance matrix of `ckpt` on calibration text, and the number of tokens it saw."""
+    tokens = calibration_tokens(gguf_path, text, max_tokens)
     return compute_imatrix(ckpt, tokens, progress=_stage(progress, "calibrate")), len(tokens)
 
 

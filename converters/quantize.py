@@ -22,7 +22,7 @@ from edgellm.errors import ConversionError, UsageError
 
 # The types edgellm offers; names as llama.cpp's quantize tool spells them.
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S",
-               "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS", "Q3_K_M", "Q2_K")
+               "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS", "Q3_K_M", "Q3_K_S", "Q2_K")
 
 
 def ftype_of(name: str) -> int:
@@ -80,11 +80,12 @@ def _overrides_array(overrides: Mapping[str, str], keep: list) -> object:
 
 def quantize(src: Path, dest: Path, quant: str, *, threads: int | None = None,
              imatrix: Mapping[str, np.ndarray] | None = None,
-             overrides: Mapping[str, str] | None = None) -> QuantResult:
+             overrides: Mapping[str, str] | None = None, pure: bool = False) -> QuantResult:
     """Write `src` (a validated GGUF) quantized to `quant` at `dest`; nothing appears at `dest` on failure.
 
     `imatrix`: per-tensor mean squared input activations (GGUF tensor names), which llama.cpp's
     quantizer uses as per-column weights. `overrides`: exact tensor name → type, for mixed precision.
+    `pure`: every 2-D tensor gets the type itself (no per-tensor preset rules; shape fallbacks still apply).
     """
     import llama_cpp
 
@@ -97,6 +98,7 @@ def quantize(src: Path, dest: Path, quant: str, *, threads: int | None = None,
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or os.cpu_count() or 1
+    params.pure = pure
     params.allow_requantize = True  # a quantized source is dequantized tensor by tensor, then requantized
     keep: list = []
     if imatrix:

@@ -51,10 +51,22 @@ def forward(dims: Dims, weight: Callable[[str], np.ndarray | None], tokens: Iter
     `weight(hf_name)` returns a float32 array (None for an absent bias). `hook` sees the input of
     every linear layer under its GGUF name, which is what llama.cpp's quantizer keys imatrix data by.
     """
+    h = embed(weight, tokens)
+    for i in range(dims.n_layer):
+        h = layer(dims, weight, i, h, hook)
+    return head(dims, weight, h, hook, logits)
+
+
+def embed(weight: Callable[[str], np.ndarray | None], tokens: Iterable[int]) -> np.ndarray:
     toks = np.asarray(list(tokens), dtype=np.int64)
-    n = len(toks)
+    return weight("model.embed_tokens.weight")[toks].astype(np.float32)
+
+
+def layer(dims: Dims, weight: Callable[[str], np.ndarray | None], i: int, h: np.ndarray,
+          hook: Hook | None = None) -> np.ndarray:
+    """Decoder layer `i` on the hidden states `h` of one sequence starting at position 0."""
+    n = len(h)
     pos = np.arange(n)
-    h = weight("model.embed_tokens.weight")[toks].astype(np.float32)
     mask = np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
     group = dims.n_head // dims.n_head_kv
 
@@ -65,26 +77,30 @@ def forward(dims: Dims, weight: Callable[[str], np.ndarray | None], tokens: Iter
         b = weight(f"{hf}.bias")
         return y + b if b is not None else y
 
-    for i in range(dims.n_layer):
-        p = f"model.layers.{i}"
-        x = _rmsnorm(h, weight(f"{p}.input_layernorm.weight"), dims.eps)
-        q = linear(x, f"{p}.self_attn.q_proj", f"blk.{i}.attn_q.weight").reshape(n, dims.n_head, dims.head_dim)
-        k = linear(x, f"{p}.self_attn.k_proj", f"blk.{i}.attn_k.weight").reshape(n, dims.n_head_kv, dims.head_dim)
-        v = linear(x, f"{p}.self_attn.v_proj", f"blk.{i}.attn_v.weight").reshape(n, dims.n_head_kv, dims.head_dim)
-        q, k = _rope(q, pos, dims.rope_theta), _rope(k, pos, dims.rope_theta)
-        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-        qh, kh, vh = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (heads, n, d): BLAS matmuls
-        scores = qh @ kh.transpose(0, 2, 1) * np.float32(1 / np.sqrt(dims.head_dim)) + mask
-        scores -= scores.max(axis=-1, keepdims=True)
-        probs = np.exp(scores)
-        probs /= probs.sum(axis=-1, keepdims=True)
-        attn = (probs @ vh).transpose(1, 0, 2).reshape(n, dims.n_head * dims.head_dim)
-        h = h + linear(attn, f"{p}.self_attn.o_proj", f"blk.{i}.attn_output.weight")
-        x = _rmsnorm(h, weight(f"{p}.post_attention_layernorm.weight"), dims.eps)
-        gate = linear(x, f"{p}.mlp.gate_proj", f"blk.{i}.ffn_gate.weight")
-        up = linear(x, f"{p}.mlp.up_proj", f"blk.{i}.ffn_up.weight")
-        act = gate / (1.0 + np.exp(-gate)) * up
-        h = h + linear(act, f"{p}.mlp.down_proj", f"blk.{i}.ffn_down.weight")
+    p = f"model.layers.{i}"
+    x = _rmsnorm(h, weight(f"{p}.input_layernorm.weight"), dims.eps)
+    q = linear(x, f"{p}.self_attn.q_proj", f"blk.{i}.attn_q.weight").reshape(n, dims.n_head, dims.head_dim)
+    k = linear(x, f"{p}.self_attn.k_proj", f"blk.{i}.attn_k.weight").reshape(n, dims.n_head_kv, dims.head_dim)
+    v = linear(x, f"{p}.self_attn.v_proj", f"blk.{i}.attn_v.weight").reshape(n, dims.n_head_kv, dims.head_dim)
+    q, k = _rope(q, pos, dims.rope_theta), _rope(k, pos, dims.rope_theta)
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    qh, kh, vh = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (heads, n, d): BLAS matmuls
+    scores = qh @ kh.transpose(0, 2, 1) * np.float32(1 / np.sqrt(dims.head_dim)) + mask
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    attn = (probs @ vh).transpose(1, 0, 2).reshape(n, dims.n_head * dims.head_dim)
+    h = h + linear(attn, f"{p}.self_attn.o_proj", f"blk.{i}.attn_output.weight")
+    x = _rmsnorm(h, weight(f"{p}.post_attention_layernorm.weight"), dims.eps)
+    gate = linear(x, f"{p}.mlp.gate_proj", f"blk.{i}.ffn_gate.weight")
+    up = linear(x, f"{p}.mlp.up_proj", f"blk.{i}.ffn_up.weight")
+    act = gate / (1.0 + np.exp(-gate)) * up
+    return h + linear(act, f"{p}.mlp.down_proj", f"blk.{i}.ffn_down.weight")
+
+
+def head(dims: Dims, weight: Callable[[str], np.ndarray | None], h: np.ndarray, hook: Hook | None = None,
+         logits: bool = True) -> np.ndarray:
+    """Final norm, then logits (or the normalised hidden state when `logits` is False)."""
     h = _rmsnorm(h, weight("model.norm.weight"), dims.eps)
     if hook is not None:  # a tied output matrix is token_embd in llama.cpp, and keyed so
         hook("token_embd.weight" if dims.tied else "output.weight", h)

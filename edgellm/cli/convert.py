@@ -13,7 +13,21 @@ from .output import emit_json, err, human_bytes, out
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Output GGUF file (or directory with --to hf); nothing appears there until it is complete.")
 @click.option("--quant", default="Q4_K_M", show_default=True,
-              help="F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_0 Q5_1 Q4_K_M Q4_0 Q4_1 IQ4_NL IQ4_XS (and Q4_K_S Q5_K_S Q3_K_M Q2_K).")
+              help="F32 F16 BF16 Q8_0 Q6_K Q5_K_M Q5_0 Q5_1 Q4_K_M Q4_0 Q4_1 IQ4_NL IQ4_XS (and Q4_K_S Q5_K_S Q3_K_M "
+                   "Q3_K_S Q2_K), or auto with --target-size/--target-bpw.")
+@click.option("--target-size", default=None, metavar="SIZE",
+              help="Mixed precision: the best type per tensor (by measured sensitivity) for a file of at most SIZE "
+                   "(e.g. 90MB, 92.5MiB); the recipe is saved as OUTPUT.recipe.json.")
+@click.option("--target-bpw", type=float, default=None, metavar="BITS",
+              help="Mixed precision for an average of BITS bits per weight (e.g. 4.6).")
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Reapply a saved *.recipe.json (same model) instead of measuring again.")
+@click.option("--eval", "do_eval", is_flag=True,
+              help="Score the result against its source on held-out text (mean/p99 KLD, PPL, top-1).")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True,
+              help="gguf (llama.cpp), or onnx: a directory for onnxruntime (--quant int4 int8 f16 f32 auto).")
+@click.option("--flavour", type=click.Choice(["fused", "portable"]), default="fused", show_default=True,
+              help="ONNX graph: fused (onnxruntime contrib ops; CPU/XNNPACK) or portable (standard ops; NNAPI).")
 @click.option("--to", "to", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True,
               help="Output format: a GGUF file, or a Hugging Face directory (safetensors + tokenizer.json).")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -23,7 +37,8 @@ from .output import emit_json, err, human_bytes, out
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--threads", type=int, default=None, help="Quantizer threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def command(source: str, output: Path, quant: str, to: str, calib: Path | None, calib_tokens: int,
+def command(source: str, output: Path, quant: str, target_size: str | None, target_bpw: float | None,
+            recipe: Path | None, do_eval: bool, fmt: str, flavour: str, to: str, calib: Path | None, calib_tokens: int,
             no_imatrix: bool, force: bool, threads: int | None, as_json: bool) -> None:
     """Convert a model — a Hugging Face directory (Llama, SmolLM2, Qwen2, Mistral) or a GGUF file
     (dequantized, then requantized) — into a quantized GGUF, or a GGUF back into a HF directory.
@@ -36,8 +51,17 @@ def command(source: str, output: Path, quant: str, to: str, calib: Path | None, 
       edgellm convert smollm2-135m -o smollm2-q4km.gguf              # defaults: Q4_K_M, imatrix on
       edgellm convert ./my-hf-model -o model-q8.gguf --quant Q8_0
       edgellm convert smollm2-135m --to hf -o smollm2-hf/            # GGUF → HF (F32 safetensors)
+      edgellm convert smollm2-135m -o small.gguf --target-size 92MB --eval   # mixed precision under 92 MB
+      edgellm convert smollm2-135m --format onnx -o smollm2-onnx/     # fused graph, calibrated int4
+      edgellm convert smollm2-135m --format onnx --flavour portable -o smollm2-nnapi/   # NNAPI-ready, f16
     """
+    if fmt == "onnx":
+        from .onnx_convert import convert_onnx_cli
+        return convert_onnx_cli(click.get_current_context(), source, output, quant, flavour, calib, calib_tokens,
+                                no_imatrix, force, as_json)
+    from edgellm.converters.mixed import parse_size, recipe_path
     from edgellm.converters.pipeline import convert
+    from edgellm.texts import heldout_text
 
     from ..errors import UsageError
 
@@ -46,7 +70,9 @@ def command(source: str, output: Path, quant: str, to: str, calib: Path | None, 
     text = calib.read_text(encoding="utf-8") if calib else None
     with _progress(enabled=err.is_terminal and not as_json) as report:
         res = convert(source, output, quant=quant, to=to, calib_text=text, imatrix=not no_imatrix,
-                      calib_tokens=calib_tokens, threads=threads, progress=report)
+                      calib_tokens=calib_tokens, threads=threads, progress=report,
+                      target_size=parse_size(target_size) if target_size else None, target_bpw=target_bpw,
+                      recipe=recipe, eval_text=heldout_text() if do_eval else None)
     summary = {**res.to_dict(), "settings": {"quant": quant.upper(), "to": to, "imatrix": not no_imatrix,
                                              "calib": str(calib) if calib else "built-in", "calib_tokens": calib_tokens,
                                              "threads": threads or "all"}}
@@ -58,6 +84,14 @@ def command(source: str, output: Path, quant: str, to: str, calib: Path | None, 
               f"{', ' + res.quant if res.quant else ''}, {res.seconds:.1f} s ({stages})")
     err.print(f"[dim]settings: quant={quant.upper()} to={to} imatrix={not no_imatrix} "
               f"calib={calib or 'built-in'} calib_tokens={calib_tokens} (used {res.imatrix_tokens})[/dim]")
+    if res.recipe:
+        err.print("[dim]types per tensor: " + ", ".join(f"{t} ×{n}" for t, n in res.recipe.items())
+                  + f" (recipe: {recipe_path(output)})[/dim]")
+    if res.evaluation:
+        e = res.evaluation
+        err.print(f"eval vs source on held-out text ({e['tokens_scored']} tokens): mean KLD {e['mean_kld']:.5f}, "
+                  f"p99 KLD {e['p99_kld']:.4f}, top-1 {100 * e['top1_agreement']:.1f}%, PPL {e['perplexity']:.3f} "
+                  f"(source {e['ref_perplexity']:.3f})")
     out.print(res.output)
 
 
