@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens for the 1B run")
     ap.add_argument("--skip-memory", action="store_true", help="only the timing comparison")
+    ap.add_argument("--skip-time", action="store_true", help="only the memory measurement")
     ap.add_argument("--workdir", type=Path, default=OUT / "convert-work")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = args.model or store.resolve("smollm2-135m").path
     args.workdir.mkdir(parents=True, exist_ok=True)
-    result = {"time": time_rounds(model, args.workdir, args.rounds, args.threads)}
+    result = {} if args.skip_time else {"time": time_rounds(model, args.workdir, args.rounds, args.threads)}
     if not args.skip_memory:
         result["memory"] = peak_memory(model, args.workdir, args.threads, args.calib_tokens)
     text = json.dumps(result, indent=1)

@@ -1,11 +1,13 @@
 """Quantization quality on SmolLM2-135M: llama.cpp's presets against edgellm's calibrated quantization.
 
-The reference is the F32 model dequantized from the shipped file (cached in the work dir). Each type is
-quantized twice from it, by llama.cpp's quantizer without an importance matrix (what llama-quantize gives)
-and with the importance matrix edgellm computes from its calibration text, then both are scored against
-the reference on the held-out text (never calibrated on). Prints JSON (or a README-ready Markdown table)
-with edgellm's KLD as a share of llama.cpp's per type and the issue's size-anchored targets, and writes the
-size-vs-KLD chart.
+Two references: "on-grid" is the F32 model dequantized from the shipped file (its weights lie on the
+shipped Q4_1 grid, which flatters Q4_1-like choices); "rotated" is that model after a random orthogonal
+rotation of the residual stream merged into the weights (same function, off every grid). For each, every
+type is quantized by llama.cpp's quantizer without an importance matrix (what llama-quantize gives) and
+with edgellm's importance matrix, and edgellm's --target-size mixed precision is run at the size of each
+anchor preset (Q4_K_M, IQ4_NL); all are scored against the reference on held-out text (never calibrated
+on). Prints JSON (or README-ready Markdown) with the issue's targets per reference and writes one
+size-vs-KLD chart per reference. Sensitivity and per-type errors are cached in the work dir.
 
     python benchmarks/quant_quality.py --markdown --out benchmarks/out/quant_quality.json
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).resolve().parent / "out"
-TYPES = ("Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+TYPES = ("Q4_0", "Q4_1", "IQ4_NL", "Q4_K_M", "Q5_K_M", "Q8_0")
 # (llama.cpp preset whose file size is the budget, bound on edgellm's mean KLD as a share of that preset's)
 ANCHORS = (("Q4_K_M", 0.5), ("IQ4_NL", 0.5))
 
@@ -67,7 +69,8 @@ def source_type(model: Path) -> str | None:
 
 def _verdict(rows: list[dict], anchor: dict, bound: float, skip: str | None) -> dict:
     """edgellm's best mean KLD among files no larger than `anchor` (a llama.cpp row), as a share of its KLD."""
-    fits = [r for r in rows if r["variant"] == "edgellm" and r["bytes"] <= anchor["bytes"] and r["quant"] != skip]
+    fits = [r for r in rows if r["variant"].startswith("edgellm") and r["bytes"] <= anchor["bytes"]
+            and r["quant"] != skip and not (skip and r.get("types", {}).get(skip))]
     best = min(fits, key=lambda r: r["mean_kld"], default=None)
     ratio = None if best is None else best["mean_kld"] / anchor["mean_kld"]
     q = anchor["quant"]
@@ -78,57 +81,127 @@ def _verdict(rows: list[dict], anchor: dict, bound: float, skip: str | None) -> 
 
 
 def targets(rows: list[dict], exclude: str | None = None) -> list[dict]:
-    """The issue's size-anchored targets; where a verdict rests on `exclude` (the source's own type, which
-    the reference flatters), a second verdict without it."""
+    """The issue's size-anchored targets; with `exclude` (the source's own type, which the reference
+    flatters), a second verdict per anchor without any file that uses it."""
     out = []
     for q, bound in ANCHORS:
         anchor = next((r for r in rows if r["quant"] == q and r["variant"] == "llama.cpp"), None)
         if anchor is None:
             continue
         out.append(_verdict(rows, anchor, bound, None))
-        if exclude and out[-1]["edgellm_type"] == exclude:
+        if exclude:   # also without the source's own type anywhere (the reference flatters it)
             out.append(_verdict(rows, anchor, bound, exclude))
     return out
 
 
-def run(model: Path, workdir: Path, types: list[str], ctx: int, chunks: int, calib_tokens: int,
-        threads: int | None) -> dict[str, Any]:
+def rotated_reference(model: Path, workdir: Path) -> Path:
+    """The F32 reference after a seeded random rotation of the residual stream (off-grid, same function)."""
     from edgellm.converters.gguf_source import read_gguf
-    from edgellm.converters.sweep import sweep
+    from edgellm.converters.gguf_writer import write_gguf
+    from edgellm.converters.rotate import rotate
+
+    dest = workdir / f"{model.stem}-rotated-f32.gguf"
+    if not dest.exists() or dest.stat().st_mtime < model.stat().st_mtime:
+        _log(f"writing the rotated F32 reference {dest}")
+        write_gguf(rotate(read_gguf(model), seed=0), dest, "F32")
+    return dest
+
+
+def mixed_options(ckpt, ref: Path, imatrix, calib_tokens: int, sens_tokens: int, workdir: Path, threads: int | None):
+    """Per-tensor options for --target-size (Fisher + one llama.cpp run per type), cached as JSON."""
+    from edgellm.converters.mixed import Option, measure_options
+    from edgellm.converters.pipeline import calibration_tokens
+    from edgellm.converters.sensitivity import fisher_diagonals
+
+    cache = workdir / f"{ref.stem}-options-{calib_tokens}-{sens_tokens}.json"
+    if cache.exists() and cache.stat().st_mtime > ref.stat().st_mtime:
+        data = json.loads(cache.read_text())
+        return {n: [Option(*o) for o in v] for n, v in data["options"].items()}, data["overhead"], data["tokens"]
+    tokens = calibration_tokens(ref, None, calib_tokens)[:sens_tokens]
+    _log(f"sensitivity (Fisher) on {len(tokens)} calibration tokens")
+    fisher, n = fisher_diagonals(ckpt, tokens, threads=threads)
+    work = workdir / "candidates"
+    work.mkdir(parents=True, exist_ok=True)
+    options, overhead = measure_options(ckpt, ref, fisher, n, imatrix, work, threads=threads,
+                                        progress=lambda st, d, t: d == t and _log(f"{st} done"))
+    for f in work.glob("candidate-*.gguf"):
+        f.unlink()
+    cache.write_text(json.dumps({"options": {k: [[o.type, o.bytes, o.cost] for o in v] for k, v in options.items()},
+                                 "overhead": overhead, "tokens": n}))
+    return options, overhead, n
+
+
+def run_reference(name: str, ref: Path, workdir: Path, types: list[str], ctx: int, chunks: int, calib_tokens: int,
+                  sens_tokens: int, threads: int | None, exclude: str | None) -> dict[str, Any]:
+    from edgellm.converters.evaluate import evaluate
+    from edgellm.converters.gguf_source import read_gguf
+    from edgellm.converters.mixed import plan
+    from edgellm.converters.pipeline import calibration_imatrix
+    from edgellm.converters.quantize import quantize
+    from edgellm.converters.sweep import score_row, sweep
+    from edgellm.texts import heldout_text
 
     t0 = time.perf_counter()
-    ref = f32_reference(model, workdir)
+    ckpt = read_gguf(ref)
+    imatrix, _ = calibration_imatrix(ckpt, ref, None, calib_tokens)
 
     def progress(stage: str, done: int, total: int) -> None:
         if stage != "calibrate" or done == total:
-            _log(f"{stage} ({done}/{total})")
+            _log(f"{name}: {stage} ({done}/{total})")
 
-    rows = sweep(ref, types, ckpt=read_gguf(ref), calib_tokens=calib_tokens, ctx=ctx, max_chunks=chunks,
-                 workdir=workdir / "candidates", threads=threads, progress=progress)
+    rows = sweep(ref, types, ckpt=ckpt, calib_tokens=calib_tokens, ctx=ctx, max_chunks=chunks,
+                 workdir=workdir / "candidates", threads=threads, progress=progress, imatrix=imatrix)
+    options, overhead, n = mixed_options(ckpt, ref, imatrix, calib_tokens, sens_tokens, workdir, threads)
+    for q, _bound in ANCHORS:
+        anchor = next((r for r in rows if r["quant"] == q and r["variant"] == "llama.cpp"), None)
+        if anchor is None:
+            continue
+        recipe = plan(options, overhead, anchor["bytes"], n)
+        dest = workdir / "candidates" / f"mixed-{q}.gguf"
+        quantize(ref, dest, recipe.label, threads=threads, imatrix=imatrix, overrides=recipe.types)
+        r = evaluate(dest, ref, heldout_text(), ctx=ctx, threads=threads, max_chunks=chunks)
+        row = score_row("edgellm mixed", f"mixed@{q}", dest.stat().st_size, r)
+        rows.append({**row, "predicted_kld": recipe.predicted_kld, "types": recipe.histogram()})
+        _log(f"{name}: mixed at {q} size: {row['bytes'] / 1e6:.1f} MB, KLD {row['mean_kld']:.5f} "
+             f"(predicted {recipe.predicted_kld:.5f})")
+        dest.unlink()
+    return {"reference": str(ref), "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
+            "per_type": per_type([r for r in rows if r["variant"] != "edgellm mixed"]),
+            "targets": targets(rows, exclude=exclude)}
+
+
+def run(model: Path, workdir: Path, types: list[str], ctx: int, chunks: int, calib_tokens: int, sens_tokens: int,
+        threads: int | None, which: list[str]) -> dict[str, Any]:
     src = source_type(model)
-    return {"model": str(model), "source_type": src, "reference": str(ref),
-            "settings": {"ctx": ctx, "max_chunks": chunks, "scored_tokens": chunks * (ctx // 2 - 1),
-                         "calib_tokens": calib_tokens, "threads": threads},
-            "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
-            "per_type": per_type(rows), "targets": targets(rows, exclude=src)}
+    refs = {"on-grid": lambda: f32_reference(model, workdir), "rotated": lambda: rotated_reference(model, workdir)}
+    out: dict[str, Any] = {"model": str(model), "source_type": src,
+                           "settings": {"ctx": ctx, "max_chunks": chunks, "scored_tokens": chunks * (ctx // 2 - 1),
+                                        "calib_tokens": calib_tokens, "sensitivity_tokens": sens_tokens,
+                                        "threads": threads}, "references": {}}
+    for name in which:
+        out["references"][name] = run_reference(name, refs[name](), workdir, types, ctx, chunks, calib_tokens,
+                                                sens_tokens, threads, src if name == "on-grid" else None)
+    return out
 
 
 def markdown(r: dict[str, Any]) -> str:
-    """README tables: every row, edgellm's KLD share per type, and each target's verdict."""
+    """README tables per reference: every row, edgellm's KLD share per type, and each target's verdict."""
     from edgellm.converters.sweep import write_table
 
     s = r["settings"]
-    lines = [f"SmolLM2-135M, reference = F32 dequantized from the shipped {r['source_type']} file (its weights lie "
-             f"on the {r['source_type']} grid); {s['scored_tokens']} held-out tokens "
-             f"scored ({s['max_chunks']} chunks of {s['ctx']}), importance matrix from {s['calib_tokens']} tokens of "
-             "the shipped calibration text. \"llama.cpp\" = llama-quantize's preset without an imatrix.",
-             "", write_table(r["rows"]), "",
-             "| type | size edgellm / llama.cpp | mean KLD edgellm / llama.cpp |", "|---|---:|---:|"]
-    lines += [f"| {p['quant']} | {p['size_ratio']:.3f} | {p['kld_ratio']:.2f} |" for p in r["per_type"]]
-    lines += ["", "| target | bound | measured | |", "|---|---:|---:|---|"]
-    for t in r["targets"]:
-        value = "–" if t["value"] is None else f"{t['value']:.2f} ({t['edgellm_type']})"
-        lines.append(f"| {t['what']} | ≤ {t['bound']} | {value} | {'pass' if t['pass'] else 'FAIL'} |")
+    lines = [f"SmolLM2-135M; {s['scored_tokens']} held-out tokens scored ({s['max_chunks']} chunks of {s['ctx']}); "
+             f"importance matrix from {s['calib_tokens']} tokens of the shipped calibration text, sensitivity from "
+             f"{s['sensitivity_tokens']}. \"llama.cpp\" = llama-quantize's preset without an imatrix; \"edgellm\" = "
+             "the same type with edgellm's imatrix; \"edgellm mixed\" = --target-size at that preset's file size."]
+    for name, ref in r["references"].items():
+        what = (f"F32 dequantized from the shipped {r['source_type']} file (on its grid)" if name == "on-grid"
+                else "the same model with its residual stream randomly rotated (same function, off-grid; "
+                     "untied output, hence larger files)")
+        lines += ["", f"**Reference {name}**: {what}.", "", write_table(ref["rows"]), "",
+                  "| target | bound | measured | |", "|---|---:|---:|---|"]
+        for t in ref["targets"]:
+            value = "–" if t["value"] is None else f"{t['value']:.2f} ({t['edgellm_type']})"
+            lines.append(f"| {t['what']} | ≤ {t['bound']} | {value} | {'pass' if t['pass'] else 'FAIL'} |")
     return "\n".join(lines)
 
 
@@ -139,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ctx", type=int, default=512, help="tokens per chunk, second half scored (default 512)")
     ap.add_argument("--chunks", type=int, default=4, help="held-out chunks scored (default 4)")
     ap.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens for the imatrix (default 2048)")
+    ap.add_argument("--sensitivity-tokens", type=int, default=1024, help="calibration tokens for the Fisher (default 1024)")
+    ap.add_argument("--references", default="on-grid,rotated", help="on-grid, rotated or both (default)")
     ap.add_argument("--threads", type=int, default=None, help="threads for quantize and eval (default: all)")
     ap.add_argument("--workdir", type=Path, default=OUT / "work", help="cache for the F32 reference and candidates")
     ap.add_argument("--plot", type=Path, default=OUT / "quant_quality.png", help="size-vs-KLD chart (PNG)")
@@ -152,9 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model or store.pull(store.DEFAULT_ALIAS, quiet=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     result = run(Path(model), args.workdir, args.types.split(","), args.ctx, args.chunks, args.calib_tokens,
-                 args.threads)
-    result["plot"] = str(plot(result["rows"], args.plot, title="SmolLM2-135M: size vs KL divergence to F32"))
-    _log(f"chart: {result['plot']}")
+                 args.sensitivity_tokens, args.threads, args.references.split(","))
+    for name, ref in result["references"].items():
+        png = args.plot.with_name(f"{args.plot.stem}-{name}.png")
+        ref["plot"] = str(plot(ref["rows"], png, title=f"SmolLM2-135M, {name} F32 reference: size vs KL divergence"))
+        _log(f"chart: {ref['plot']}")
     text = json.dumps(result, indent=2, default=str)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

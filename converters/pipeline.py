@@ -32,6 +32,7 @@ class ConvertResult:
     stages: dict[str, float] = field(default_factory=dict)
     recipe: dict[str, int] | None = None        # type -> tensor count, for --target-size
     evaluation: dict | None = None             # EvalResult.to_dict() against the source, for --eval
+    fallbacks: dict[str, int] = field(default_factory=dict)   # types used where a K-quant did not fit the rows
 
     @property
     def bits_per_weight(self) -> float:
@@ -55,7 +56,8 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
             to: str = "gguf", calib_text: str | None = None, imatrix: bool = True, calib_tokens: int = 4096,
             threads: int | None = None, progress: Progress | None = None, target_size: int | None = None,
             target_bpw: float | None = None, recipe: str | os.PathLike[str] | None = None,
-            sensitivity_tokens: int = 1024, eval_text: str | None = None) -> ConvertResult:
+            sensitivity_tokens: int = 1024, eval_text: str | None = None,
+            transform: Callable | None = None) -> ConvertResult:
     """Convert `source` into `output` (GGUF quantized to `quant`, or a HF directory with to='hf').
 
     For quantized types the importance matrix is computed from `calib_text` (default: the
@@ -65,7 +67,7 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
     `target_size` (bytes) or `target_bpw` (or quant='auto' with one of them) picks a type per tensor
     under that budget (converters/mixed.py) and saves the recipe beside the output; `recipe` reapplies
     a saved one. `eval_text` scores the result against its source (mean KLD, PPL) before the staging
-    files go.
+    files go. `transform` (checkpoint -> checkpoint) runs right after reading: pruning and distillation.
     """
     from edgellm import store
 
@@ -90,6 +92,11 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
     ckpt = read_checkpoint(ref.path, ref.kind)
     n_params = ckpt.tensors.n_params()
     stages["read"] = time.perf_counter() - t0
+    if transform is not None:  # prune/distill (converters/prune.py, distill.py): new weights, staged below
+        t = time.perf_counter()
+        ckpt = transform(ckpt)
+        n_params = ckpt.tensors.n_params()
+        stages["prune_distill"] = time.perf_counter() - t
     if target_bpw is not None:
         if not 1.0 <= target_bpw <= 32.0:
             raise UsageError(f"--target-bpw must be between 1 and 32 bits per weight, not {target_bpw}")
@@ -113,7 +120,7 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.work-"))
     try:
         base = ref.path
-        if ref.kind != "gguf":  # llama.cpp's quantizer reads GGUF: stage the checkpoint as F32 first
+        if ref.kind != "gguf" or transform is not None:  # the quantizer reads GGUF: stage as F32 first
             base = work / "f32.gguf"
             t = time.perf_counter()
             write_gguf(ckpt, base, "F32", progress=_stage(progress, "stage F32"))
@@ -130,8 +137,8 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
                               progress)
             stages["recipe"] = time.perf_counter() - t
         t = time.perf_counter()
-        quantize(base, out, rec.label if rec else quant, threads=threads, imatrix=im,
-                 overrides=rec.types if rec else None)
+        qr = quantize(base, out, rec.label if rec else quant, threads=threads, imatrix=im,
+                      overrides=rec.types if rec else None)
         stages["quantize"] = time.perf_counter() - t
         if rec is not None:
             from .mixed import recipe_path
@@ -144,7 +151,8 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
             stages["eval"] = time.perf_counter() - t
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return done("gguf", "mixed" if rec else quant, len(tokens), recipe=rec and rec.histogram(), evaluation=scores)
+    return done("gguf", "mixed" if rec else quant, len(tokens), recipe=rec and rec.histogram(), evaluation=scores,
+                fallbacks=qr.fallbacks)
 
 
 def size_recipe(ckpt, base: Path, imatrix, tokens: list[int], target_size: int | None, recipe, work: Path,

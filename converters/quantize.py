@@ -11,7 +11,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -32,6 +32,10 @@ def ftype_of(name: str) -> int:
     return int(gguf.LlamaFileType.ALL_F32 if key == "F32" else gguf.LlamaFileType[f"MOSTLY_{key}"])
 
 
+# presets built on 256-wide super-blocks: a tensor whose rows are not a multiple of 256 cannot use them
+SUPER_BLOCK_TYPES = ("Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_K_M", "Q3_K_S", "Q2_K")
+
+
 @dataclass(frozen=True)
 class QuantResult:
     path: Path
@@ -39,6 +43,7 @@ class QuantResult:
     bytes: int
     n_params: int
     seconds: float
+    fallbacks: dict[str, int] = field(default_factory=dict)   # type llama.cpp used instead -> tensor count
 
     @property
     def bits_per_weight(self) -> float:
@@ -115,4 +120,17 @@ def quantize(src: Path, dest: Path, quant: str, *, threads: int | None = None,
                                   "run with --verbose to see its log")
         info = validate_gguf(tmp)
     size = Path(dest).stat().st_size
-    return QuantResult(Path(dest), quant.upper(), size, info.n_params, time.perf_counter() - t0)
+    return QuantResult(Path(dest), quant.upper(), size, info.n_params, time.perf_counter() - t0,
+                       fallbacks(info, quant) if not overrides else {})
+
+
+def fallbacks(info, quant: str) -> dict[str, int]:
+    """What llama.cpp used for the 2-D tensors a super-block preset could not cover (rows not a multiple
+    of 256, e.g. SmolLM2's 576): its log says so, but that log is silenced, so edgellm reports it."""
+    if quant.upper() not in SUPER_BLOCK_TYPES:
+        return {}
+    out: dict[str, int] = {}
+    for t in info.tensors:
+        if len(t.shape) == 2 and t.shape[0] % 256:
+            out[t.type_name] = out.get(t.type_name, 0) + 1
+    return out

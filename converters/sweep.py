@@ -42,7 +42,7 @@ def sweep_types(types: Sequence[str]) -> list[str]:
 def sweep(reference_f32: Path, types: Sequence[str], *, ckpt: Checkpoint | None = None, calib_text: str | None = None,
           calib_tokens: int = 2048, text: str | None = None, ctx: int = 512, max_chunks: int | None = 4,
           workdir: Path, threads: int | None = None, keep: bool = False,
-          progress: Progress | None = None) -> list[dict]:
+          progress: Progress | None = None, imatrix: dict | None = None) -> list[dict]:
     """Quantize `reference_f32` to each type with and without edgellm's importance matrix and score both.
 
     The imatrix is computed once (from `calib_text`, default: the shipped calibration text) on `ckpt`
@@ -60,7 +60,8 @@ def sweep(reference_f32: Path, types: Sequence[str], *, ckpt: Checkpoint | None 
     text = heldout_text() if text is None else text
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    imatrix, _ = calibration_imatrix(ckpt, reference_f32, calib_text, calib_tokens, progress)
+    if imatrix is None:
+        imatrix, _ = calibration_imatrix(ckpt, reference_f32, calib_text, calib_tokens, progress)
     rows: list[dict] = []
     total = 2 * len(types)
     for quant in types:
@@ -75,12 +76,16 @@ def sweep(reference_f32: Path, types: Sequence[str], *, ckpt: Checkpoint | None 
             finally:
                 if not keep:
                     q.path.unlink(missing_ok=True)
-            rows.append({"variant": variant, "quant": quant, "bytes": q.bytes, "bpw": round(r.bits_per_weight, 4),
-                         "ppl": r.perplexity, "mean_kld": r.mean_kld, "p99_kld": r.p99_kld,
-                         "top1": r.top1_agreement})
+            rows.append(score_row(variant, quant, q.bytes, r))
     if progress:
         progress("done", total, total)
     return rows
+
+
+def score_row(variant: str, quant: str, nbytes: int, r) -> dict:
+    """One table row from an EvalResult."""
+    return {"variant": variant, "quant": quant, "bytes": nbytes, "bpw": round(r.bits_per_weight, 4),
+            "ppl": r.perplexity, "mean_kld": r.mean_kld, "p99_kld": r.p99_kld, "top1": r.top1_agreement}
 
 
 def kld_ratios(rows: Sequence[dict]) -> dict[str, float]:
@@ -95,7 +100,7 @@ def write_table(rows: Sequence[dict]) -> str:
     ratios = kld_ratios(rows)
     lines = ["| type | variant | size (MB) | bits/weight | PPL | mean KLD | p99 KLD | top-1 | KLD vs llama.cpp |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["bytes"], r["quant"], VARIANTS.index(r["variant"]))):
+    for r in sorted(rows, key=lambda r: (r["bytes"], r["quant"], r["variant"])):
         ratio = f"{ratios[r['quant']]:.2f}×" if r["variant"] == "edgellm" and r["quant"] in ratios else ""
         lines.append(f"| {r['quant']} | {r['variant']} | {r['bytes'] / 1e6:.1f} | {r['bpw']:.2f} | {r['ppl']:.3f} "
                      f"| {r['mean_kld']:.5f} | {r['p99_kld']:.4f} | {100 * r['top1']:.2f}% | {ratio} |")
@@ -113,15 +118,16 @@ def plot(rows: Sequence[dict], path: str | os.PathLike[str], title: str | None =
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     styles = {"llama.cpp": ("tab:gray", "s", "llama.cpp presets (llama-quantize, no imatrix)"),
-              "edgellm": ("tab:blue", "o", "edgellm (calibrated importance matrix)")}
-    for variant in VARIANTS:
+              "edgellm": ("tab:blue", "o", "edgellm (calibrated importance matrix)"),
+              "edgellm mixed": ("tab:red", "*", "edgellm --target-size (per-tensor types)")}
+    for variant in styles:
         pts = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["bytes"])
         if not pts:
             continue
         color, marker, label = styles[variant]
         xs, ys = [r["bytes"] / 1e6 for r in pts], [r["mean_kld"] for r in pts]
         ax.plot(xs, ys, marker=marker, color=color, label=label)
-        side = 1 if variant == "edgellm" else -1  # edgellm's names right of its points, llama.cpp's left
+        side = -1 if variant == "llama.cpp" else 1  # edgellm's names right of its points, llama.cpp's left
         span = (max(r["bytes"] for r in rows) - min(r["bytes"] for r in rows)) / 1e6 or 1.0
         stack, prev = 0, None
         for r, x, y in zip(pts, xs, ys):
@@ -145,4 +151,4 @@ def plot(rows: Sequence[dict], path: str | os.PathLike[str], title: str | None =
     return path
 
 
-__all__ = ["VARIANTS", "kld_ratios", "plot", "sweep", "sweep_types", "write_table"]
+__all__ = ["VARIANTS", "kld_ratios", "plot", "score_row", "sweep", "sweep_types", "write_table"]

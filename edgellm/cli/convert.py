@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from .output import emit_json, err, human_bytes, out
+from .shrink_options import shrink_options, shrink_transform
 
 
 @click.command("convert")
@@ -37,9 +38,10 @@ from .output import emit_json, err, human_bytes, out
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--threads", type=int, default=None, help="Quantizer threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@shrink_options
 def command(source: str, output: Path, quant: str, target_size: str | None, target_bpw: float | None,
             recipe: Path | None, do_eval: bool, fmt: str, flavour: str, to: str, calib: Path | None, calib_tokens: int,
-            no_imatrix: bool, force: bool, threads: int | None, as_json: bool) -> None:
+            no_imatrix: bool, force: bool, threads: int | None, as_json: bool, **shrink) -> None:
     """Convert a model — a Hugging Face directory (Llama, SmolLM2, Qwen2, Mistral) or a GGUF file
     (dequantized, then requantized) — into a quantized GGUF, or a GGUF back into a HF directory.
 
@@ -54,7 +56,11 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
       edgellm convert smollm2-135m -o small.gguf --target-size 92MB --eval   # mixed precision under 92 MB
       edgellm convert smollm2-135m --format onnx -o smollm2-onnx/     # fused graph, calibrated int4
       edgellm convert smollm2-135m --format onnx --flavour portable -o smollm2-nnapi/   # NNAPI-ready, f16
+      edgellm convert smollm2-135m -o s.gguf --prune-to 100M --align 256 --distill --minutes 40   # prune+distill+Q4_K_M
     """
+    if fmt != "gguf" and (shrink["prune_to"] or shrink["do_distill"]):
+        from ..errors import UsageError
+        raise UsageError("--prune-to/--distill currently go with --format gguf")
     if fmt == "onnx":
         from .onnx_convert import convert_onnx_cli
         return convert_onnx_cli(click.get_current_context(), source, output, quant, flavour, calib, calib_tokens,
@@ -69,11 +75,13 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
         raise UsageError(f"{output} exists; pass --force to replace it")
     text = calib.read_text(encoding="utf-8") if calib else None
     with _progress(enabled=err.is_terminal and not as_json) as report:
+        notes: dict = {}
+        transform = shrink_transform(source, shrink, calib_text=text, threads=threads, report=report, notes=notes)
         res = convert(source, output, quant=quant, to=to, calib_text=text, imatrix=not no_imatrix,
                       calib_tokens=calib_tokens, threads=threads, progress=report,
                       target_size=parse_size(target_size) if target_size else None, target_bpw=target_bpw,
-                      recipe=recipe, eval_text=heldout_text() if do_eval else None)
-    summary = {**res.to_dict(), "settings": {"quant": quant.upper(), "to": to, "imatrix": not no_imatrix,
+                      recipe=recipe, eval_text=heldout_text() if do_eval else None, transform=transform)
+    summary = {**res.to_dict(), **notes, "settings": {"quant": quant.upper(), "to": to, "imatrix": not no_imatrix,
                                              "calib": str(calib) if calib else "built-in", "calib_tokens": calib_tokens,
                                              "threads": threads or "all"}}
     if as_json:
@@ -84,6 +92,11 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
               f"{', ' + res.quant if res.quant else ''}, {res.seconds:.1f} s ({stages})")
     err.print(f"[dim]settings: quant={quant.upper()} to={to} imatrix={not no_imatrix} "
               f"calib={calib or 'built-in'} calib_tokens={calib_tokens} (used {res.imatrix_tokens})[/dim]")
+    if res.fallbacks:
+        n = sum(res.fallbacks.values())
+        err.print(f"[yellow]note:[/yellow] {n} tensors have rows that are not a multiple of 256, so {res.quant}'s "
+                  "K-quant blocks do not fit them; llama.cpp used " + ", ".join(f"{t} ×{k}" for t, k in
+                                                                              res.fallbacks.items()) + " instead")
     if res.recipe:
         err.print("[dim]types per tensor: " + ", ".join(f"{t} ×{n}" for t, n in res.recipe.items())
                   + f" (recipe: {recipe_path(output)})[/dim]")
