@@ -180,11 +180,13 @@ def choose(
     n_ctx: int = 4096,
     env: Mapping[str, str] | None = None,
     kv_bytes: int = 0,
+    memory_bytes: int | None = None,
 ) -> Plan:
     """Pick backend, device, threads and GPU offload for `artifact` on `profile`, with reasons.
 
     `env` is the environment to honour (EDGELLM_THREADS); None means none, so callers pass os.environ
-    explicitly and the function stays pure. `kv_bytes` is the caller's KV-cache estimate for `n_ctx`.
+    explicitly and the function stays pure. `kv_bytes` is the caller's KV-cache estimate for `n_ctx`;
+    `memory_bytes` the caller's whole estimate (edgellm.memplan), replacing weights + KV + overhead.
     Raises UsageError for bad options, BackendError when the request cannot run on this device.
     """
     env = env or {}
@@ -211,7 +213,7 @@ def choose(
     if n_threads > profile.logical_cores > 0:  # only possible when set explicitly or by EDGELLM_THREADS
         warnings.append(f"threads={n_threads} exceeds the {profile.logical_cores} logical cores: expect slower decode")
 
-    est = artifact.size_bytes + max(0, kv_bytes) + RUNTIME_OVERHEAD_BYTES
+    est = memory_bytes if memory_bytes is not None else artifact.size_bytes + max(0, kv_bytes) + RUNTIME_OVERHEAD_BYTES
     budget_base = profile.ram_available_bytes or profile.ram_bytes
     fits = budget_base <= 0 or est <= FIT_FRACTION * budget_base
     which = "available" if profile.ram_available_bytes else "total"

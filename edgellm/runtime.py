@@ -3,27 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-
 from . import store
-from .errors import InsufficientMemoryError, UnsupportedModelError
+from .errors import UnsupportedModelError
 from .gguf_check import GGUFInfo, validate_gguf
+from .memplan import KV_BYTES, kv_cache_bytes  # noqa: F401 - re-exported: the planner owns the estimate
 from .runtimes.base import SamplerConfig
 from .runtimes.kv_cache import DiskCache, PrefixCache
 from .session import Session
-
-KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-            "q5_0": 22 / 32, "q5_1": 24 / 32}
-
-
-def kv_cache_bytes(info: GGUFInfo, n_ctx: int, kv_type: str = "f16") -> int:
-    """Bytes of K and V for n_ctx tokens (what llama.cpp allocates for a standard attention cache)."""
-    hp = info.hparams()
-    head_dim = hp["embedding_length"] // hp["head_count"]
-    per_token = 2 * hp["block_count"] * hp["head_count_kv"] * head_dim
-    return int(per_token * n_ctx * KV_BYTES[kv_type])
 
 
 def model_fingerprint(path: Path, info: GGUFInfo) -> str:
@@ -44,16 +34,21 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
          threads: int | None = None, kv_type: str = "f16", flash_attn: bool | None = None,
          disk_cache: bool | str | os.PathLike[str] = True, memory_cache_mb: int = 512,
          prompt_state: str | os.PathLike[str] | None = None, sampler: SamplerConfig | None = None,
-         check_memory: bool = True) -> Session:
+         check_memory: bool = True, parallel: int = 1, rpc: str | Sequence[str] | None = None) -> Session:
     """Load a model (store alias, GGUF path; default: the embedded SmolLM2-135M) for generation and chat.
 
     device: 'auto' (from the device profile), 'cpu', 'metal'/'gpu'. threads: default = the device's
     performance cores (or EDGELLM_THREADS). disk_cache: True (under EDGELLM_HOME/kv), a directory, or
     False. prompt_state: a file from `cache_prompt` whose KV state is reused for matching prompts.
-    Refuses (InsufficientMemoryError) before loading a model whose weights and KV cache would not fit.
+    Refuses (InsufficientMemoryError) before loading a model that edgellm.memplan says will not fit.
+    parallel: sequences sharing the n_ctx-cell KV pool (edgellm serve's slots). rpc: llama.cpp RPC
+    workers ('host:port,...' or a list) that hold the layers (see edgellm.rpc).
     """
     from .device import probe
+    from .errors import InsufficientMemoryError
+    from .memplan import default_flash_attn, estimate, live_board, require_fit
     from .plan import Artifact, choose
+    from .rpc import parse_endpoints
     from .runtimes.llamacpp import LlamaCppBackend, LlamaOptions
 
     ref = store.resolve(model)
@@ -62,15 +57,24 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
             f"{ref.path} is a {ref.kind} model; the runtime loads GGUF files — convert it first "
             f"(edgellm convert {ref.path} -o model.gguf)")
     info = validate_gguf(ref.path)
-    options = LlamaOptions(n_ctx=n_ctx, threads=1, kv_type=kv_type, flash_attn=flash_attn)  # validates options
+    workers = parse_endpoints(rpc) if rpc else ()
+    options = LlamaOptions(n_ctx=n_ctx, threads=1, kv_type=kv_type, flash_attn=flash_attn,  # validates options
+                           n_seq=parallel, rpc=workers)
     n_ctx_eff = min(n_ctx, info.hparams().get("context_length") or n_ctx)
+    kv = kv_cache_bytes(info, n_ctx_eff, kv_type)
+    est = estimate(info, n_ctx_eff, kv_type, flash_attn=flash_attn if flash_attn is not None else
+                   default_flash_attn(kv_type, "metal" if device in ("metal", "gpu") else "cpu"),
+                   n_seq=parallel, state_cache_bytes=min(kv, memory_cache_mb << 20))
+    if workers:  # the weights and the KV cache live on the workers
+        est = replace(est, weights_bytes=0, kv_bytes=0)
     plan = choose(probe(), Artifact("gguf", ref.path.stat().st_size, info.file_type_name),
                   requested_device=device, threads=threads, n_ctx=n_ctx_eff, env=os.environ,
-                  kv_bytes=kv_cache_bytes(info, n_ctx_eff, kv_type))
+                  kv_bytes=kv, memory_bytes=est.total_bytes)
     if not plan.fits and check_memory:
-        raise InsufficientMemoryError(
-            f"{next((w for w in plan.warnings if 'MiB' in w), 'the model does not fit in memory')} "
-            "(or pass check_memory=False to try anyway)")
+        try:
+            require_fit(est, live_board())
+        except InsufficientMemoryError as e:
+            raise InsufficientMemoryError(f"{e} (or pass check_memory=False to try anyway)") from None
     if flash_attn is None and plan.device == "cpu" and kv_type in ("f16", "f32", "bf16"):  # quantized V needs FA
         # llama.cpp's CPU flash attention is slow for short batches over a long KV cache (llama-bench,
         # SmolLM2-135M, 2 threads: decode at depth 900 41 vs 82 tok/s; a 25-token turn 3x slower) and

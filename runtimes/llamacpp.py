@@ -60,6 +60,8 @@ class LlamaOptions:
     n_batch: int = 2048
     n_ubatch: int = 512
     use_mmap: bool = True
+    n_seq: int = 1  # sequences sharing one unified KV pool of n_ctx cells (the server's parallel slots)
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC workers ("host:port") that hold the model's layers
 
     def __post_init__(self) -> None:
         if self.kv_type not in KV_TYPES:
@@ -68,10 +70,13 @@ class LlamaOptions:
             raise UsageError("context size must be at least 16 tokens")
         if self.threads < 1:
             raise UsageError("threads must be ≥ 1")
+        if self.n_seq < 1:
+            raise UsageError("the number of parallel sequences must be ≥ 1")
 
 
 class LlamaCppBackend:
-    """One llama.cpp model + context holding a single sequence."""
+    """One llama.cpp model + context; the Session drives sequence 0, the server's batch engine
+    drives sequences 0..n_seq-1 through the `*_batch`/`seq_*` methods."""
 
     name = "llama.cpp"
 
@@ -83,6 +88,13 @@ class LlamaCppBackend:
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = options.gpu_layers
         mparams.use_mmap = options.use_mmap
+        self._rpc_devices = None
+        if options.rpc:
+            from edgellm.rpc import rpc_devices
+
+            self._rpc_devices = rpc_devices(options.rpc)  # NULL-terminated; must outlive the model
+            mparams.devices = ctypes.cast(self._rpc_devices, ctypes.c_void_p)
+            mparams.n_gpu_layers = -1  # every layer on the workers; the host keeps the input embeddings
         self._model = ll.llama_model_load_from_file(str(path).encode(), mparams)
         if not self._model:
             raise InvalidModelError(f"{path}: llama.cpp could not load the model (run with --verbose for its log)")
@@ -94,6 +106,8 @@ class LlamaCppBackend:
         cparams.n_threads = options.threads
         cparams.n_threads_batch = options.threads_batch or options.threads
         cparams.no_perf = True
+        cparams.n_seq_max = options.n_seq
+        cparams.kv_unified = options.n_seq > 1  # one pool: any sequence may use any free cell
         cparams.type_k = cparams.type_v = KV_TYPES[options.kv_type]
         fa = {None: ll.LLAMA_FLASH_ATTN_TYPE_AUTO, True: ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
               False: ll.LLAMA_FLASH_ATTN_TYPE_DISABLED}[options.flash_attn]
@@ -167,13 +181,14 @@ class LlamaCppBackend:
         """The bytes a token stands for; control tokens render empty unless `special`."""
         piece = None if special else self._piece_cache.get(token)
         if piece is None:
-            n = self._ll.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, special)
+            # special pieces get their own buffer: the server renders templates on its HTTP thread
+            # while the engine thread decodes pieces into the shared one
+            buf = ctypes.create_string_buffer(256) if special else self._piece_buf
+            n = self._ll.llama_token_to_piece(self._vocab, token, buf, 256, 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
                 n = self._ll.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
-                piece = buf.raw[:n]
-            else:
-                piece = self._piece_buf.raw[:n]
+            piece = buf.raw[:n]
             if not special:
                 self._piece_cache[token] = piece
         return piece
@@ -243,9 +258,13 @@ class LlamaCppBackend:
         return out
 
     def reset_sampler(self, config: SamplerConfig, history: Sequence[int] = ()) -> None:
-        ll = self._ll
         if self._sampler is not None:
-            ll.llama_sampler_free(self._sampler)
+            self._ll.llama_sampler_free(self._sampler)
+        self._sampler = self.make_sampler(config, history)
+
+    def make_sampler(self, config: SamplerConfig, history: Sequence[int] = ()):
+        """A native sampler chain for `config` (free it with `free_sampler`)."""
+        ll = self._ll
         sparams = ll.llama_sampler_chain_default_params()
         sparams.no_perf = True
         chain = ll.llama_sampler_chain_init(sparams)
@@ -267,7 +286,10 @@ class LlamaCppBackend:
         if config.repeat_penalty != 1.0:
             for tok in history[-config.repeat_last_n:] if config.repeat_last_n else ():
                 ll.llama_sampler_accept(chain, tok)
-        self._sampler = chain
+        return chain
+
+    def free_sampler(self, chain) -> None:
+        self._ll.llama_sampler_free(chain)
 
     def sample(self, config: SamplerConfig) -> int:
         if config.greedy and config.repeat_penalty == 1.0:
@@ -295,11 +317,16 @@ class LlamaCppBackend:
         self._n_past = n
 
     def save_state(self) -> bytes:
+        return self.seq_state(0)
+
+    def seq_state(self, seq: int) -> bytes:
+        """Sequence `seq`'s KV state, copied once (a full-context state is as large as its KV cache)."""
         ll = self._ll
-        size = ll.llama_state_seq_get_size(self._ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        written = ll.llama_state_seq_get_data(self._ctx, buf, size, 0)
-        return bytes(memoryview(buf)[:written])
+        size = ll.llama_state_seq_get_size(self._ctx, seq)
+        buf = bytearray(size)
+        written = ll.llama_state_seq_get_data(self._ctx, (ctypes.c_uint8 * size).from_buffer(buf), size, seq)
+        del buf[written:]
+        return buf  # a bytearray: bytes-like for every consumer, without a second full copy
 
     def load_state(self, data: bytes, n_tokens: int) -> None:
         ll = self._ll
@@ -312,6 +339,48 @@ class LlamaCppBackend:
             ll.llama_memory_clear(self._mem, True)
             raise BackendError("llama.cpp rejected the saved KV state")
         self._n_past = n_tokens
+
+    # -- several sequences in one batch (the server's continuous batching) -------------------
+    def decode_batch(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
+                     outputs: Sequence[bool]) -> None:
+        """Evaluate tokens of several sequences in one llama_decode (logits kept where `outputs`)."""
+        ll = self._ll
+        n = len(tokens)
+        batch = ll.llama_batch_init(n, 0, 1)
+        try:
+            for i in range(n):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tokens[i], positions[i], 1
+                batch.seq_id[i][0], batch.logits[i] = seqs[i], bool(outputs[i])
+            batch.n_tokens = n
+            rc = ll.llama_decode(self._ctx, batch)
+        finally:
+            ll.llama_batch_free(batch)
+        if rc == 1:
+            raise ContextOverflowError("no room left in the KV cache for this batch")
+        if rc != 0:
+            raise BackendError(f"llama_decode failed with code {rc}")
+
+    def argmax_at(self, index: int) -> int:
+        """Greedy pick from the logits of batch row `index` (read in place, as in `sample`)."""
+        ptr = self._ll.llama_get_logits_ith(self._ctx, index)
+        return int(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).argmax())
+
+    def sample_at(self, chain, index: int) -> int:
+        return int(self._ll.llama_sampler_sample(chain, self._ctx, index))
+
+    def seq_remove(self, seq: int, start: int = 0) -> None:
+        """Drop positions ≥ start of sequence `seq` (all of it with start=0)."""
+        if not self._ll.llama_memory_seq_rm(self._mem, seq, start, -1):
+            raise BackendError(f"llama.cpp could not truncate sequence {seq}")
+
+    def seq_restore(self, seq: int, data: bytes) -> None:
+        """Replace sequence `seq` with a state from `seq_state` (of any sequence)."""
+        ll = self._ll
+        self.seq_remove(seq)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if ll.llama_state_seq_set_data(self._ctx, buf, len(data), seq) == 0:
+            self.seq_remove(seq)
+            raise BackendError("llama.cpp rejected the saved KV state")
 
     def close(self) -> None:
         ll = self._ll

@@ -9,7 +9,8 @@ import click
 
 from ..errors import EdgeLLMError
 
-VERBS = ["pull", "models", "inspect", "devices", "convert", "eval", "run", "chat", "cache_prompt", "bench"]
+VERBS = ["pull", "models", "inspect", "devices", "convert", "eval", "run", "chat", "cache_prompt", "bench",
+         "plan", "serve", "rpc_worker"]
 
 
 class LazyGroup(click.Group):

@@ -1,0 +1,86 @@
+"""edgellm serve: an OpenAI-compatible HTTP server for a model (loopback by default)."""
+from __future__ import annotations
+
+import os
+
+import click
+
+from .options import model_options
+from .output import err
+
+
+@click.command("serve")
+@click.argument("model", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 exposes the server to the network: set an API key).")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' [default: EDGELLM_API_KEY, else none].")
+@click.option("--parallel", type=int, default=4, show_default=True,
+              help="Requests decoded together (continuous batching); 1 serves one request at a time.")
+@click.option("--queue", "max_queue", type=int, default=16, show_default=True,
+              help="Requests that may wait for a slot; more get HTTP 503.")
+@click.option("--timeout", "timeout_s", type=float, default=300, show_default=True,
+              help="Seconds a request may take, queueing included (then HTTP 504).")
+@click.option("--max-tokens", "default_max_tokens", type=int, default=512, show_default=True,
+              help="Answer length when a request gives no max_tokens.")
+@click.option("--drain", "drain_s", type=float, default=10, show_default=True,
+              help="On SIGTERM/Ctrl-C, seconds in-flight requests may still finish.")
+@click.option("--rpc", default=None, help="llama.cpp RPC workers holding the layers: host:port[,host:port...].")
+@click.option("--system-state", "prompt_state", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A state file from `edgellm cache-prompt` (a precomputed system prompt) to reuse.")
+@click.option("--temperature", type=float, default=0.7, show_default=True, help="Default when a request gives none.")
+@model_options
+def command(model: str | None, host: str, port: int, api_key: str | None, parallel: int, max_queue: int,
+            timeout_s: float, default_max_tokens: int, drain_s: float, rpc: str | None, prompt_state: str | None,
+            temperature: float, **kw) -> None:
+    """Serve MODEL (default: the embedded SmolLM2-135M) over HTTP with the OpenAI API:
+    /v1/chat/completions (streaming and not), /v1/completions, /v1/models, /health.
+
+    Concurrent requests are decoded together in one batch; each conversation reuses the KV cache of its
+    earlier turns. The KV pool (--ctx) is shared by all requests: each one reserves its prompt plus
+    max_tokens. Memory is checked before loading (see `edgellm plan --server`).
+
+    \b
+    Examples:
+      edgellm serve                                    http://127.0.0.1:8080/v1
+      edgellm serve model.gguf --ctx 8192 --parallel 8 --api-key secret
+      edgellm serve --rpc 192.168.1.21:50052,192.168.1.22:50052
+    \b
+    With the openai client:
+      OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="secret").chat.completions.create(
+          model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}])
+    """
+    import edgellm
+    from edgellm.errors import UsageError
+
+    from .options import load_kwargs
+    from ..runtimes.base import SamplerConfig
+    from ..server import EdgeServer, ServeConfig
+
+    if parallel < 1 or max_queue < 0 or timeout_s <= 0 or default_max_tokens < 1:
+        raise UsageError("--parallel and --max-tokens must be ≥ 1, --queue ≥ 0 and --timeout > 0")
+    key = api_key or os.environ.get("EDGELLM_API_KEY") or None
+    lk = load_kwargs(kw)
+    lk["disk_cache"] = False  # the server keeps states in memory; per-request disk writes would stall decoding
+    session = edgellm.load(model, parallel=parallel, rpc=rpc, prompt_state=prompt_state,
+                           sampler=SamplerConfig(temperature=temperature), **lk)
+    model_id = model_name(model, session.model_path)
+    config = ServeConfig(model_id=model_id, parallel=parallel, max_queue=max_queue, timeout_s=timeout_s,
+                         default_max_tokens=default_max_tokens, api_key=key, drain_s=drain_s)
+    server = EdgeServer(session, config, host=host, port=port)
+    err.print(f"edgellm serve: {model_id} on http://{host}:{port}/v1  (ctx {session.n_ctx} shared by "
+              f"{parallel} slots, queue {max_queue}, timeout {timeout_s:g} s, "
+              f"API key {'required' if key else 'off'}{', RPC ' + rpc if rpc else ''}) — Ctrl-C to stop")
+    try:
+        server.run()
+    finally:
+        session.close()
+
+
+def model_name(spec: str | None, path) -> str:
+    """The id clients send as `model`: the store alias, else the file name without .gguf."""
+    from .. import store
+
+    if spec is None:
+        return store.DEFAULT_ALIAS
+    return spec if not os.path.exists(spec) else os.path.basename(str(path)).removesuffix(".gguf")

@@ -1,0 +1,12 @@
+"""`edgellm serve`: an OpenAI-compatible HTTP server on the unified runtime.
+
+    engine.py  continuous batching over llama.cpp sequences, per-conversation KV reuse, bounded queue
+    openai.py  request validation and OpenAI-shaped response bodies
+    app.py     Starlette routes, API key, SSE streaming, uvicorn with graceful shutdown
+"""
+from __future__ import annotations
+
+from .app import EdgeServer, ServeConfig, create_app
+from .engine import Engine, QueueFullError, Request
+
+__all__ = ["EdgeServer", "Engine", "QueueFullError", "Request", "ServeConfig", "create_app"]

@@ -1,0 +1,330 @@
+"""Continuous batching over llama.cpp sequences: the server's one inference thread.
+
+Why batching rather than one request at a time: decode of a small model is bound by per-step overhead
+and weight reads, and one llama_decode over 8 sequences' next tokens costs far less than 8 decodes, so
+concurrent clients share the steps (throughput) and a new request's prefill joins the very next step
+instead of waiting for whole answers ahead of it (fair time to first token). `parallel=1` is the
+serialising fallback.
+
+KV reuse per conversation: every slot is a llama.cpp sequence in one unified KV pool and keeps the tokens
+of its last request after it finishes. A new request takes the idle slot whose tokens share the longest
+prefix with its prompt, or — when a snapshot in the session's in-memory PrefixCache (stashed slots, a
+shipped system prompt) shares more — restores that snapshot into the least recently used idle slot.
+Idle slots are stashed and cleared (LRU first) when the pool needs their cells for admitted requests.
+
+Admission reserves prompt + max_tokens cells, so an admitted request never runs out of KV mid-answer.
+All llama.cpp calls happen on the engine thread; the HTTP side talks to it through `submit` and the
+`emit` callback of each request.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BackendError, ContextOverflowError, EdgeLLMError
+from ..runtimes.base import SamplerConfig
+from ..runtimes.kv_cache import common_prefix
+from ..session import STASH_MIN_TOKENS, Session
+from ..textstream import TextAssembler
+
+
+class QueueFullError(EdgeLLMError):
+    """The request queue is full (HTTP 503)."""
+
+    exit_code = 13
+
+
+class ShuttingDownError(QueueFullError):
+    """The server is stopping and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    config: SamplerConfig
+    emit: Callable[[str, Any], None]  # ('piece', text) ... then ('done', Request) or ('error', EdgeLLMError)
+    stops: tuple[str, ...] = ()
+    deadline: float | None = None  # time.monotonic() after which the request is cut off
+    id: int = field(default_factory=itertools.count().__next__)
+    cancelled: bool = False  # set by the HTTP side when the client goes away
+    # filled in by the engine
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""  # 'stop' | 'length' | 'cancelled' | 'timeout' | 'error'
+    reused_tokens: int = 0
+    cache_source: str | None = None
+    t_submit: float = field(default_factory=time.monotonic)
+    t_first: float = 0.0
+    t_done: float = 0.0
+
+    @property
+    def need(self) -> int:
+        return len(self.prompt) + self.max_tokens
+
+
+@dataclass
+class Slot:
+    seq: int
+    tokens: list[int] = field(default_factory=list)  # exactly what this sequence's KV cells hold
+    req: Request | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
+    next_token: int | None = None  # sampled, to be evaluated in the next step
+    sampler: Any = None
+    text: TextAssembler | None = None
+    last_used: float = 0.0
+
+
+class Engine:
+    """Schedules requests onto `parallel` llama.cpp sequences of `session`'s backend.
+
+    The engine owns the backend from `start()` on: don't use the session to generate meanwhile.
+    """
+
+    def __init__(self, session: Session, *, parallel: int = 4, max_queue: int = 16, step_tokens: int = 512) -> None:
+        be = session.backend
+        n_seq = getattr(getattr(be, "options", None), "n_seq", 1)
+        if parallel > n_seq:
+            raise BackendError(f"the backend holds {n_seq} sequences; load with parallel={parallel}")
+        self.session, self.backend = session, be
+        self.pool = be.n_ctx
+        self.max_queue = max_queue
+        self.step_tokens = max(parallel, step_tokens)
+        self.slots = [Slot(seq) for seq in range(parallel)]
+        self.queue: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.stats = {"requests": 0, "steps": 0, "batched_tokens": 0, "rejected": 0}
+
+    # -- the HTTP side -------------------------------------------------------------------------
+    def start(self) -> Engine:
+        self.session.reset()  # from here on every sequence is the engine's
+        self._thread = threading.Thread(target=self._loop, name="edgellm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, req: Request) -> None:
+        if req.need > self.pool:
+            raise ContextOverflowError(
+                f"the prompt is {len(req.prompt)} tokens and max_tokens is {req.max_tokens}: "
+                f"{req.need} tokens do not fit the {self.pool}-token context")
+        with self._cv:
+            if self._closing:
+                raise ShuttingDownError("the server is shutting down")
+            if len(self.queue) >= self.max_queue:
+                self.stats["rejected"] += 1
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
+            self.queue.append(req)
+            self.stats["requests"] += 1
+            self._cv.notify()
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def busy(self) -> int:
+        return sum(s.req is not None for s in self.slots)
+
+    def close(self, drain_s: float = 0.0) -> None:
+        """Stop taking requests; let admitted and queued ones finish for up to drain_s, cancel the rest."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        end = time.monotonic() + drain_s
+        while time.monotonic() < end and (self.queue or self.busy):
+            time.sleep(0.02)
+        with self._cv:
+            for r in [*self.queue, *(s.req for s in self.slots if s.req)]:
+                r.cancelled = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # -- the engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self.queue or self.busy):
+                    if self._closing:
+                        return
+                    self._cv.wait()
+            now = time.monotonic()
+            self._expire_queued(now)
+            for slot in self.slots:
+                if slot.req is not None and (slot.req.cancelled or _late(slot.req, now)):
+                    self._finish(slot, "cancelled" if slot.req.cancelled else "timeout")
+            self._admit()
+            if self.busy:
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
+                    self._fail_active(e)
+            elif self.queue:
+                time.sleep(0.005)  # waiting for pool space that only a finishing request frees
+
+    def _expire_queued(self, now: float) -> None:
+        with self._cv:
+            gone = [r for r in self.queue if r.cancelled or _late(r, now)]
+            for r in gone:
+                self.queue.remove(r)
+        for r in gone:
+            r.finish_reason = "cancelled" if r.cancelled else "timeout"
+            r.t_done = now
+            r.emit("done", r)
+
+    def _admit(self) -> None:
+        while True:
+            with self._cv:
+                if not self.queue:
+                    return
+                req = self.queue[0]
+            idle = [s for s in self.slots if s.req is None]
+            if not idle or not self._make_room(req, idle):
+                return
+            with self._cv:
+                self.queue.popleft()
+            self._assign(req, idle)
+
+    def _make_room(self, req: Request, idle: list[Slot]) -> bool:
+        """Reserve cells for `req`, clearing idle slots (LRU first) if the pool needs them."""
+        reserved = sum(s.req.need for s in self.slots if s.req is not None)
+        if reserved + req.need > self.pool:
+            return False  # wait for an active request to finish
+        keep = _best_slot(idle, req.prompt)
+        for slot in sorted(idle, key=lambda s: s.last_used):
+            held = sum(len(s.tokens) for s in idle if s is not keep)
+            if reserved + req.need + held <= self.pool:
+                break
+            if slot is not keep:
+                self._evict(slot)
+        return True
+
+    def _evict(self, slot: Slot) -> None:
+        if len(slot.tokens) >= STASH_MIN_TOKENS:
+            self.session.memory_cache.put(slot.tokens, self.backend.seq_state(slot.seq))
+        self.backend.seq_remove(slot.seq)
+        slot.tokens = []
+
+    def _assign(self, req: Request, idle: list[Slot]) -> None:
+        limit = len(req.prompt) - 1  # evaluate at least one token so there are fresh logits
+        slot = _best_slot(idle, req.prompt)
+        reuse, source = common_prefix(slot.tokens, req.prompt), "slot"
+        found = self.session.memory_cache.best(req.prompt, reuse)
+        if found is not None and min(found[1], limit) > min(reuse, limit):
+            saved, shared = found
+            slot = min(idle, key=lambda s: (len(s.tokens) > 0, s.last_used))
+            self._evict(slot)
+            try:
+                self.backend.seq_restore(slot.seq, saved.state)
+                slot.tokens, reuse, source = list(saved.tokens), shared, saved.source
+            except EdgeLLMError:  # no room for the whole snapshot: evaluate the prompt instead
+                reuse = 0
+        reuse = min(reuse, limit)
+        if reuse < len(slot.tokens):
+            if not reuse and len(slot.tokens) >= STASH_MIN_TOKENS:
+                self._evict(slot)  # keep what it held for whoever comes back to it
+            self.backend.seq_remove(slot.seq, reuse)
+            del slot.tokens[reuse:]
+        req.reused_tokens, req.cache_source = reuse, source if reuse else None
+        slot.req, slot.pending, slot.next_token = req, req.prompt[reuse:], None
+        slot.text = TextAssembler(req.stops)
+        slot.sampler = None if req.config.greedy else self.backend.make_sampler(req.config)
+
+    def _step(self) -> None:
+        toks: list[int] = []
+        pos: list[int] = []
+        seqs: list[int] = []
+        outs: list[bool] = []
+        rows: list[tuple[Slot, int, list[int]]] = []  # slot, its output row (-1: none), tokens added
+        for slot in self.slots:  # decoding slots first: one token each
+            if slot.req is not None and slot.next_token is not None:
+                rows.append((slot, len(toks), [slot.next_token]))
+                toks.append(slot.next_token), pos.append(len(slot.tokens)), seqs.append(slot.seq), outs.append(True)
+        budget = self.step_tokens - len(toks)
+        for slot in self.slots:  # then prompt chunks, as far as the step's budget goes
+            if slot.req is None or not slot.pending or budget <= 0:
+                continue
+            chunk = slot.pending[:budget]
+            last = len(chunk) == len(slot.pending)
+            base = len(slot.tokens)
+            for i, t in enumerate(chunk):
+                toks.append(t), pos.append(base + i), seqs.append(slot.seq), outs.append(last and i == len(chunk) - 1)
+            rows.append((slot, len(toks) - 1 if last else -1, chunk))
+            budget -= len(chunk)
+        if not toks:
+            return
+        self.backend.decode_batch(toks, pos, seqs, outs)
+        self.stats["steps"] += 1
+        self.stats["batched_tokens"] += len(toks)
+        for slot, row, added in rows:
+            slot.tokens.extend(added)
+            if slot.pending:
+                del slot.pending[:len(added)]
+            slot.next_token = None
+            if row >= 0:
+                self._take(slot, row)
+
+    def _take(self, slot: Slot, row: int) -> None:
+        req, be = slot.req, self.backend
+        assert req is not None and slot.text is not None
+        tok = be.argmax_at(row) if slot.sampler is None else be.sample_at(slot.sampler, row)
+        if not req.out and not req.t_first:
+            req.t_first = time.monotonic()
+        if be.is_eog(tok):
+            return self._finish(slot, "stop")
+        req.out.append(tok)
+        piece = slot.text.push(be.token_bytes(tok))
+        if piece:
+            req.emit("piece", piece)
+        if slot.text.stopped:
+            self._finish(slot, "stop")
+        elif len(req.out) >= req.max_tokens:
+            self._finish(slot, "length")
+        else:
+            slot.next_token = tok
+
+    def _finish(self, slot: Slot, reason: str, error: EdgeLLMError | None = None) -> None:
+        req = slot.req
+        assert req is not None
+        if slot.text is not None and reason in ("stop", "length"):
+            rest = slot.text.flush()
+            if rest:
+                req.emit("piece", rest)
+        req.text = slot.text.text if slot.text is not None else ""
+        req.finish_reason, req.t_done = reason, time.monotonic()
+        if slot.sampler is not None:
+            self.backend.free_sampler(slot.sampler)
+        slot.req, slot.sampler, slot.text, slot.pending, slot.next_token = None, None, None, [], None
+        slot.last_used = req.t_done
+        req.emit(*(("error", error) if error is not None else ("done", req)))
+
+    def _fail_active(self, error: Exception) -> None:
+        """A failed step leaves the batch's sequences in an unknown state: clear them, fail their requests."""
+        err = error if isinstance(error, EdgeLLMError) else BackendError(f"inference failed: {error}")
+        for slot in self.slots:
+            if slot.req is None:
+                continue
+            self._finish(slot, "error", err)
+            try:
+                self.backend.seq_remove(slot.seq)
+            except EdgeLLMError:
+                pass
+            slot.tokens = []
+
+
+def _best_slot(idle: list[Slot], prompt: list[int]) -> Slot:
+    """The idle slot sharing the longest prefix with `prompt`; among equals the least recently used."""
+    return max(idle, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+
+
+def _late(req: Request, now: float) -> bool:
+    return req.deadline is not None and now > req.deadline
