@@ -101,6 +101,8 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
         if not 1.0 <= target_bpw <= 32.0:
             raise UsageError(f"--target-bpw must be between 1 and 32 bits per weight, not {target_bpw}")
         target_size = int(target_bpw * n_params / 8)
+    check_disk(out, n_params, quant if to == "gguf" else "F32", staged=to == "gguf" and quant not in FLOAT_TYPES
+               and (ref.kind != "gguf" or transform is not None))
 
     def done(fmt: str, q: str | None, n_tok: int = 0, **extra) -> ConvertResult:
         size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -168,6 +170,21 @@ def size_recipe(ckpt, base: Path, imatrix, tokens: list[int], target_size: int |
     fisher, n = fisher_diagonals(ckpt, tokens, threads=threads, progress=_stage(progress, "sensitivity"))
     options, overhead = measure_options(ckpt, base, fisher, n, imatrix, work, threads=threads, progress=progress)
     return plan(options, overhead, target_size, n)
+
+
+_BYTES_PER_PARAM = {"F32": 4.0, "F16": 2.0, "BF16": 2.0}   # quantized types: ≤ 1.07 (Q8_0) + metadata
+
+
+def check_disk(out: Path, n_params: int, quant: str, staged: bool) -> None:
+    """Refuse before any work when the output (and an F32 staging copy) cannot fit on its disk."""
+    need = int(n_params * (_BYTES_PER_PARAM.get(quant, 1.1) + (4.0 if staged else 0.0)))
+    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        from edgellm.cli.output import human_bytes
+        from edgellm.errors import ConversionError
+        raise ConversionError(f"not enough disk space at {parent}: this conversion needs about {human_bytes(need)}, "
+                              f"{human_bytes(free)} is free")
 
 
 def calibration_tokens(gguf_path: Path, text: str | None, max_tokens: int) -> list[int]:

@@ -109,3 +109,15 @@ def test_impossible_budgets_and_bad_recipes_are_refused(tiny_hf, tmp_path):
     with pytest.raises(UsageError, match="does not match"):
         convert(tiny_hf, tmp_path / "x.gguf", recipe=bad, calib_text=TEXT, calib_tokens=512)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_full_disk_is_refused_before_any_work(tiny_hf, tmp_path, monkeypatch):
+    import shutil
+
+    from edgellm.errors import ConversionError
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))   # a nearly full disk
+    with pytest.raises(ConversionError, match="not enough disk space"):
+        convert(tiny_hf, tmp_path / "x.gguf", quant="Q4_0")
+    assert list(tmp_path.iterdir()) == []
