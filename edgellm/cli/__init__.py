@@ -10,7 +10,7 @@ import click
 from ..errors import EdgeLLMError
 
 VERBS = ["pull", "models", "inspect", "devices", "convert", "eval", "run", "chat", "cache_prompt", "bench",
-         "plan", "serve", "rpc_worker"]
+         "plan", "serve", "rpc_worker", "prune", "distill"]
 
 
 class LazyGroup(click.Group):

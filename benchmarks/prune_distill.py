@@ -1,0 +1,185 @@
+"""Prune + distill SmolLM2-135M to ≤ 100M parameters and measure what it costs and buys.
+
+One run: prune (calibrated importance, budget 100M, widths aligned to 256) → distill on the CPU (teacher
+top-k logits from llama.cpp, default training text = calibration text + teacher generations) → figures:
+- held-out perplexity and mean KLD to the F32 teacher of the pruned-only and the distilled student,
+- decode tok/s of student and teacher at the same quant type (Q4_K_M), interleaved in one process,
+- the distilled student at Q4_K_M against the teacher quantized to about the same file size,
+- wall time of prune + distill, and the machine's load average (the CPU is shared).
+Held-out text is edgellm's heldout.txt, never trained on. Prints JSON (or --markdown rows for the README).
+
+    flock /tmp/edgellm-heavy.lock python benchmarks/prune_distill.py --minutes 32 --out benchmarks/out/prune_distill.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out"
+SAME_SIZE_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_XS", "Q4_0", "IQ4_NL", "Q4_K_S", "Q4_K_M")
+
+
+def _log(msg: str) -> None:
+    print(f"[prune_distill {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pick_threads(requested: int | None) -> int:
+    """1 or 2 torch/llama.cpp threads, whichever multiplies matrices faster right now (the CPU is shared)."""
+    import torch
+
+    if requested:
+        return requested
+    a = torch.randn(768, 768)
+    speed = {}
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        t0, k = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 2.0:
+            a @ a
+            k += 1
+        speed[n] = k / (time.perf_counter() - t0)
+    best = max(speed, key=speed.get)
+    _log(f"matmul rate by threads {speed}: using {best}")
+    return best
+
+
+def evaluate_all(models: dict[str, Path], ref: Path, threads: int) -> dict[str, dict]:
+    from edgellm.converters.evaluate import evaluate
+    from edgellm.texts import heldout_text
+
+    out = {}
+    for name, path in models.items():
+        _log(f"evaluating {name}")
+        r = evaluate(path, ref, heldout_text(), ctx=512, threads=threads)
+        out[name] = {"perplexity": r.perplexity, "teacher_perplexity": r.ref_perplexity, "mean_kld": r.mean_kld,
+                     "p99_kld": r.p99_kld, "top1_agreement": r.top1_agreement, "tokens_scored": r.tokens_scored,
+                     "bytes": r.size_bytes, "bits_per_weight": r.bits_per_weight}
+    return out
+
+
+def decode_speed(models: dict[str, Path], threads: int, reps: int, n_gen: int) -> dict[str, float]:
+    """Median greedy decode tok/s of each model, rounds interleaved so all see the same machine load."""
+    from edgellm.bench import SpeedBench
+
+    benches = {k: SpeedBench(str(p), threads, n_gen=n_gen, anchor=False) for k, p in models.items()}
+    runs: dict[str, list[float]] = {k: [] for k in models}
+    try:
+        for r in range(reps):
+            order = list(benches) if r % 2 == 0 else list(benches)[::-1]
+            for k in order:
+                runs[k].append(benches[k].edgellm_tg(n_gen))
+    finally:
+        for b in benches.values():
+            b.close()
+    return {k: statistics.median(v) for k, v in runs.items()} | {"runs": runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget", default="100M")
+    ap.add_argument("--align", type=int, default=256)
+    ap.add_argument("--minutes", type=float, default=32.0, help="distillation training budget")
+    ap.add_argument("--gen-tokens", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=None, help="[default: 1 or 2, whichever is faster now]")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--work", type=Path, default=OUT / "prune")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from edgellm import store
+    from edgellm.converters.distill import DistillConfig, distill_model
+    from edgellm.converters.gguf_source import read_gguf
+    from edgellm.converters.gguf_writer import write_gguf
+    from edgellm.converters.pipeline import convert
+    from edgellm.converters.prune import n_params, prune_model
+
+    load_start = os.getloadavg()
+    threads = pick_threads(args.threads)
+    torch.set_num_threads(threads)
+    os.environ["EDGELLM_THREADS"] = str(threads)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    shipped = store.pull(store.DEFAULT_ALIAS, quiet=True)
+    teacher = read_gguf(shipped)
+    f32 = work / "teacher-f32.gguf"
+    if not f32.exists():
+        _log("writing the F32 teacher (the reference)")
+        write_gguf(teacher, f32, "F32")
+
+    t0 = time.perf_counter()
+    _log(f"pruning to {args.budget}, align {args.align}")
+    pruned = prune_model(teacher, args.budget, align=args.align, threads=threads)
+    t_prune = time.perf_counter() - t0
+    _log(f"pruned in {t_prune:.0f}s: {pruned.plan.shape.describe()}")
+    cfg = DistillConfig(minutes=args.minutes, threads=threads)
+    student, report = distill_model(pruned.checkpoint, shipped, cfg, gen_tokens=args.gen_tokens, evaluate=False,
+                                    work_dir=work / "distill-run",
+                                    on_step=lambda s: s["step"] % 25 == 0 and _log(
+                                        f"step {s['step']} loss {s['loss']:.4f} {s['tok_s']:.0f} tok/s "
+                                        f"ETA {s['eta_s'] / 60:.1f} min"))
+    t_total = time.perf_counter() - t0
+    _log(f"prune + distill took {t_total / 60:.1f} min")
+
+    files = {"pruned_f32": work / "student-pruned-f32.gguf", "distilled_f32": work / "student-distilled-f32.gguf"}
+    write_gguf(pruned.checkpoint, files["pruned_f32"], "F32")
+    write_gguf(student, files["distilled_f32"], "F32")
+    quant = {"teacher_q4_k_m": (f32, "Q4_K_M"), "student_q4_k_m": (files["distilled_f32"], "Q4_K_M")}
+    for name, (src, q) in quant.items():
+        _log(f"quantizing {name}")
+        files[name] = work / f"{name}.gguf"
+        convert(str(src), files[name], quant=q, threads=threads)
+    target = files["student_q4_k_m"].stat().st_size
+    sizes = {}
+    for q in SAME_SIZE_TYPES:   # the teacher at the preset whose file size is closest to the student's
+        dest = work / f"teacher-{q.lower()}.gguf"
+        if not dest.exists():
+            convert(str(f32), dest, quant=q, threads=threads)
+        sizes[q] = dest.stat().st_size
+    same = min(sizes, key=lambda q: abs(sizes[q] - target))
+    files["teacher_same_size"] = work / f"teacher-{same.lower()}.gguf"
+
+    quality = evaluate_all({k: files[k] for k in ("pruned_f32", "distilled_f32", "student_q4_k_m",
+                                                   "teacher_q4_k_m", "teacher_same_size")}, f32, threads)
+    _log("decode speed")
+    speed = decode_speed({k: files[k] for k in ("teacher_q4_k_m", "student_q4_k_m", "teacher_same_size")},
+                         threads, args.reps, 128)
+    teacher_ppl = quality["distilled_f32"]["teacher_perplexity"]
+    res = {
+        "settings": {"budget": args.budget, "align": args.align, "minutes": args.minutes,
+                     "gen_tokens": args.gen_tokens, "threads": threads, "loss": cfg.loss, "lr": cfg.lr},
+        "load_average_start": load_start, "load_average_end": os.getloadavg(),
+        "teacher_params": n_params(teacher.config), "student_params": n_params(pruned.checkpoint.config),
+        "student_shape": pruned.plan.shape.describe(), "removed_layers": pruned.plan.summary(teacher.config)[
+            "removed_layers"],
+        "candidates": pruned.explain(teacher.config)["candidates"],
+        "prune_seconds": t_prune, "prune_distill_seconds": t_total, "distill": report,
+        "teacher_perplexity_f32": teacher_ppl, "quality": quality,
+        "same_size_teacher_type": same, "teacher_sizes": sizes,
+        "decode_tps": speed,
+        "targets": {
+            "student_le_100M": n_params(pruned.checkpoint.config) <= 100_000_000,
+            "ppl_ratio_distilled": quality["distilled_f32"]["perplexity"] / teacher_ppl,
+            "ppl_le_1.15x": quality["distilled_f32"]["perplexity"] <= 1.15 * teacher_ppl,
+            "decode_speedup_q4_k_m": speed["student_q4_k_m"] / speed["teacher_q4_k_m"],
+            "decode_ge_1.25x": speed["student_q4_k_m"] >= 1.25 * speed["teacher_q4_k_m"],
+            "run_le_60_min": t_total <= 3600,
+            "student_q4_beats_same_size_teacher_kld":
+                quality["student_q4_k_m"]["mean_kld"] < quality["teacher_same_size"]["mean_kld"],
+        },
+    }
+    text = json.dumps(res, indent=2, default=str)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""edgellm distill: a (pruned) student learns a teacher's next-token distribution, on the CPU with torch."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import click
+
+from .output import emit_json, err, out
+
+
+def distill_options(f):
+    """Training options shared with `edgellm convert --distill`."""
+    for opt in reversed([
+        click.option("--minutes", type=float, default=None, help="Training time budget [default: 45 unless --tokens]."),
+        click.option("--tokens", "train_tokens", type=int, default=None, help="Training token budget."),
+        click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="Training text [default: calibration text + teacher generations]."),
+        click.option("--loss", type=click.Choice(["fkl", "rkl", "skl"]), default="fkl", show_default=True,
+                     help="Forward KL, reverse KL or skew KL."),
+        click.option("--temperature", type=float, default=1.0, show_default=True),
+        click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW)."),
+        click.option("--top-k", "top_k", type=int, default=32, show_default=True,
+                     help="Teacher logits kept per position."),
+        click.option("--gen-tokens", type=int, default=16384, show_default=True,
+                     help="Tokens the teacher generates for sequence-level KD when no --text is given."),
+        click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Where the resumable state lives [default: one per student/teacher/data in EDGELLM_HOME]."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def distill_config(minutes, train_tokens, loss, temperature, lr, threads):
+    from edgellm.converters.distill import DistillConfig
+
+    if minutes is None and train_tokens is None:
+        minutes = 45.0
+    return DistillConfig(minutes=minutes, tokens=train_tokens, loss=loss, temperature=temperature, lr=lr,
+                         threads=threads)
+
+
+@contextlib.contextmanager
+def training_bar(enabled: bool):
+    """Stage bars plus a training bar showing loss, tokens/s and the ETA; no-ops in pipes."""
+    if not enabled:
+        yield None, None
+        return
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[info]}"), console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    def stage(name: str, done: int, total: int) -> None:
+        if name not in tasks:
+            tasks[name] = bar.add_task(name, total=total, info="")
+        bar.update(tasks[name], completed=done, total=total)
+
+    def step(s: dict) -> None:
+        if "train" not in tasks:
+            tasks["train"] = bar.add_task("distill", total=1000, info="")
+        m, sec = divmod(int(s["eta_s"]), 60)
+        bar.update(tasks["train"], completed=int(1000 * s["frac"]),
+                   info=f"step {s['step']} loss {s['loss']:.4f} {s['tok_s']:.0f} tok/s ETA {m}:{sec:02d}")
+    with bar:
+        yield stage, step
+
+
+@click.command("distill")
+@click.argument("student")
+@click.option("--teacher", default="smollm2-135m", show_default=True, help="The model to learn from (same tokenizer).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Output GGUF file (or directory with --to hf).")
+@distill_options
+@click.option("--type", "out_type", default="F16", show_default=True, help="Weights: F32, F16 or BF16.")
+@click.option("--to", "to", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True)
+@click.option("--no-eval", is_flag=True, help="Skip the held-out evaluation before and after.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--threads", type=int, default=None, help="torch and llama.cpp threads [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def command(student: str, teacher: str, output: Path, minutes: float | None, train_tokens: int | None,
+            text_file: Path | None, loss: str, temperature: float, lr: float, top_k: int, gen_tokens: int,
+            work_dir: Path | None, out_type: str, to: str, no_eval: bool, force: bool, threads: int | None,
+            as_json: bool) -> None:
+    """Distillation: STUDENT (e.g. from `edgellm prune`) is trained on CPU to match the TEACHER's
+    next-token distribution (forward KL with temperature; --loss rkl/skl for reverse or skew KL). The
+    teacher's top-k logits are computed once in llama.cpp and cached. Without --text, the training text
+    is the calibration text plus continuations the teacher samples (sequence-level KD); the held-out
+    evaluation text is never trained on. Interrupted runs resume from the last saved step when the same
+    command is run again. Perplexity and KL to the teacher on held-out text are reported before and after.
+
+    \b
+    Examples:
+      edgellm prune smollm2-135m --prune-to 100M -o s.gguf && edgellm distill s.gguf -o s-kd.gguf --minutes 40
+      edgellm distill s.gguf -o s-kd.gguf --text my-corpus.txt --tokens 500000 --loss skl
+    """
+    from edgellm.converters.distill import distill_model
+    from edgellm.converters.pipeline import read_checkpoint
+
+    from .. import store
+    from ..errors import UsageError
+    from .prune import write_checkpoint
+
+    if output.exists() and not force:
+        raise UsageError(f"{output} exists; pass --force to replace it")
+    cfg = distill_config(minutes, train_tokens, loss, temperature, lr, threads)
+    cfg.check()
+    ref = store.resolve(student)
+    ckpt = read_checkpoint(ref.path, ref.kind)
+    text = text_file.read_text(encoding="utf-8") if text_file else None
+    with training_bar(err.is_terminal and not as_json) as (stage, step):
+        trained, report = distill_model(ckpt, teacher, cfg, text=text, work_dir=work_dir, top_k=top_k,
+                                        gen_tokens=gen_tokens, evaluate=not no_eval, progress=stage, on_step=step)
+        write_checkpoint(trained, output, to, out_type)
+    report = {**report, "student": str(ref.path), "output": str(output),
+              "settings": {"minutes": cfg.minutes, "tokens": cfg.tokens, "loss": loss, "temperature": temperature,
+                           "lr": lr, "top_k": top_k, "gen_tokens": gen_tokens, "text": str(text_file or "default"),
+                           "type": out_type, "to": to}}
+    if as_json:
+        emit_json(report)
+        return
+    tr = report["training"]
+    err.print(f"trained {tr['steps']} steps, {tr['tokens']} tokens in {tr['seconds'] / 60:.1f} min "
+              f"(loss {tr['first_loss']:.4f} → {tr['last_loss']:.4f}; resumed from step {tr['resumed_from_step']})")
+    for when in ("before", "after"):
+        if when in report:
+            r = report[when]
+            err.print(f"{when:<6} held-out PPL {r['perplexity']:.3f} (teacher {r['teacher_perplexity']:.3f}), "
+                      f"KLD to teacher {r['mean_kld']:.4f}, top-1 {100 * r['top1_agreement']:.1f}%")
+    err.print(f"[dim]settings: {' '.join(f'{k}={v}' for k, v in report['settings'].items())}[/dim]")
+    out.print(str(output))
