@@ -107,39 +107,11 @@ def rotated_reference(model: Path, workdir: Path) -> Path:
     return dest
 
 
-def mixed_options(ckpt, ref: Path, imatrix, calib_tokens: int, sens_tokens: int, workdir: Path, threads: int | None):
-    """Per-tensor options for --target-size (Fisher + one llama.cpp run per type), cached as JSON."""
-    from edgellm.converters.mixed import Option, measure_options
-    from edgellm.converters.pipeline import calibration_tokens
-    from edgellm.converters.sensitivity import fisher_diagonals
-
-    cache = workdir / f"{ref.stem}-options-{calib_tokens}-{sens_tokens}.json"
-    if cache.exists() and cache.stat().st_mtime > ref.stat().st_mtime:
-        data = json.loads(cache.read_text())
-        return {n: [Option(*o) for o in v] for n, v in data["options"].items()}, data["overhead"], data["tokens"]
-    tokens = calibration_tokens(ref, None, calib_tokens)[:sens_tokens]
-    _log(f"sensitivity (Fisher) on {len(tokens)} calibration tokens")
-    fisher, n = fisher_diagonals(ckpt, tokens, threads=threads)
-    work = workdir / "candidates"
-    work.mkdir(parents=True, exist_ok=True)
-    options, overhead = measure_options(ckpt, ref, fisher, n, imatrix, work, threads=threads,
-                                        progress=lambda st, d, t: d == t and _log(f"{st} done"))
-    for f in work.glob("candidate-*.gguf"):
-        f.unlink()
-    cache.write_text(json.dumps({"options": {k: [[o.type, o.bytes, o.cost] for o in v] for k, v in options.items()},
-                                 "overhead": overhead, "tokens": n}))
-    return options, overhead, n
-
-
 def run_reference(name: str, ref: Path, workdir: Path, types: list[str], ctx: int, chunks: int, calib_tokens: int,
                   sens_tokens: int, threads: int | None, exclude: str | None) -> dict[str, Any]:
-    from edgellm.converters.evaluate import evaluate
     from edgellm.converters.gguf_source import read_gguf
-    from edgellm.converters.mixed import plan
     from edgellm.converters.pipeline import calibration_imatrix
-    from edgellm.converters.quantize import quantize
-    from edgellm.converters.sweep import score_row, sweep
-    from edgellm.texts import heldout_text
+    from edgellm.converters.sweep import mixed_options, mixed_rows, sweep
 
     t0 = time.perf_counter()
     ckpt = read_gguf(ref)
@@ -151,20 +123,17 @@ def run_reference(name: str, ref: Path, workdir: Path, types: list[str], ctx: in
 
     rows = sweep(ref, types, ckpt=ckpt, calib_tokens=calib_tokens, ctx=ctx, max_chunks=chunks,
                  workdir=workdir / "candidates", threads=threads, progress=progress, imatrix=imatrix)
-    options, overhead, n = mixed_options(ckpt, ref, imatrix, calib_tokens, sens_tokens, workdir, threads)
-    for q, _bound in ANCHORS:
-        anchor = next((r for r in rows if r["quant"] == q and r["variant"] == "llama.cpp"), None)
-        if anchor is None:
-            continue
-        recipe = plan(options, overhead, anchor["bytes"], n)
-        dest = workdir / "candidates" / f"mixed-{q}.gguf"
-        quantize(ref, dest, recipe.label, threads=threads, imatrix=imatrix, overrides=recipe.types)
-        r = evaluate(dest, ref, heldout_text(), ctx=ctx, threads=threads, max_chunks=chunks)
-        row = score_row("edgellm mixed", f"mixed@{q}", dest.stat().st_size, r)
-        rows.append({**row, "predicted_kld": recipe.predicted_kld, "types": recipe.histogram()})
-        _log(f"{name}: mixed at {q} size: {row['bytes'] / 1e6:.1f} MB, KLD {row['mean_kld']:.5f} "
-             f"(predicted {recipe.predicted_kld:.5f})")
-        dest.unlink()
+    work = workdir / "candidates"
+    options, overhead, n = mixed_options(ckpt, ref, imatrix, calib_text=None, calib_tokens=calib_tokens,
+                                         sens_tokens=sens_tokens, workdir=work, threads=threads,
+                                         cache=workdir / f"{ref.stem}-options-{calib_tokens}-{sens_tokens}.json",
+                                         progress=progress)
+    anchors = [r for q, _ in ANCHORS for r in rows if r["quant"] == q and r["variant"] == "llama.cpp"]
+    for row in mixed_rows(ref, [a["bytes"] for a in anchors], options, overhead, n, imatrix, ctx=ctx,
+                          max_chunks=chunks, workdir=work, threads=threads):
+        rows.append(row)
+        _log(f"{name}: mixed at {row['target_bytes'] / 1e6:.1f} MB: KLD {row['mean_kld']:.5f} "
+             f"(predicted {row['predicted_kld']:.5f})")
     return {"reference": str(ref), "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
             "per_type": per_type([r for r in rows if r["variant"] != "edgellm mixed"]),
             "targets": targets(rows, exclude=exclude)}

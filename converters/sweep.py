@@ -42,13 +42,15 @@ def sweep_types(types: Sequence[str]) -> list[str]:
 def sweep(reference_f32: Path, types: Sequence[str], *, ckpt: Checkpoint | None = None, calib_text: str | None = None,
           calib_tokens: int = 2048, text: str | None = None, ctx: int = 512, max_chunks: int | None = 4,
           workdir: Path, threads: int | None = None, keep: bool = False,
-          progress: Progress | None = None, imatrix: dict | None = None) -> list[dict]:
+          progress: Progress | None = None, imatrix: dict | None = None, sizes: Sequence[int] = (),
+          sens_tokens: int = 1024) -> list[dict]:
     """Quantize `reference_f32` to each type with and without edgellm's importance matrix and score both.
 
     The imatrix is computed once (from `calib_text`, default: the shipped calibration text) on `ckpt`
     (default: the checkpoint read from the reference) and reused for every type. Quantized files go to
     `workdir` and are deleted after scoring unless `keep`, so disk use stays at one candidate.
     Returns one row per (type, variant): variant, quant, bytes, bpw, ppl, mean_kld, p99_kld, top1.
+    `sizes` (bytes) adds an "edgellm mixed" row per size: --target-size's per-tensor recipe for it.
     """
     from edgellm.texts import heldout_text
 
@@ -77,8 +79,62 @@ def sweep(reference_f32: Path, types: Sequence[str], *, ckpt: Checkpoint | None 
                 if not keep:
                     q.path.unlink(missing_ok=True)
             rows.append(score_row(variant, quant, q.bytes, r))
+    if sizes:
+        options, overhead, n = mixed_options(ckpt, reference_f32, imatrix, calib_text=calib_text,
+                                             calib_tokens=calib_tokens, sens_tokens=sens_tokens, workdir=workdir,
+                                             threads=threads, progress=progress)
+        rows += mixed_rows(reference_f32, sizes, options, overhead, n, imatrix, text=text, ctx=ctx,
+                           max_chunks=max_chunks, workdir=workdir, threads=threads)
     if progress:
         progress("done", total, total)
+    return rows
+
+
+def mixed_options(ckpt: Checkpoint, ref: Path, imatrix: dict, *, calib_text: str | None, calib_tokens: int,
+                  sens_tokens: int, workdir: Path, threads: int | None = None, cache: Path | None = None,
+                  progress: Progress | None = None):
+    """--target-size's per-tensor options (Fisher + one llama.cpp run per type); reused from `cache` if newer."""
+    import json
+
+    from .mixed import Option, measure_options
+    from .pipeline import calibration_tokens
+    from .sensitivity import fisher_diagonals
+
+    if cache is not None and cache.exists() and cache.stat().st_mtime > Path(ref).stat().st_mtime:
+        data = json.loads(cache.read_text())
+        return {n: [Option(*o) for o in v] for n, v in data["options"].items()}, data["overhead"], data["tokens"]
+    tokens = calibration_tokens(ref, calib_text, calib_tokens)[:sens_tokens]
+    fisher, n = fisher_diagonals(ckpt, tokens, threads=threads,
+                                 progress=None if progress is None else lambda d, t: progress("sensitivity", d, t))
+    options, overhead = measure_options(ckpt, ref, fisher, n, imatrix, workdir, threads=threads, progress=progress)
+    for f in workdir.glob("candidate-*.gguf"):
+        f.unlink()
+    if cache is not None:
+        cache.write_text(json.dumps({"options": {k: [[o.type, o.bytes, o.cost] for o in v] for k, v in options.items()},
+                                     "overhead": overhead, "tokens": n}))
+    return options, overhead, n
+
+
+def mixed_rows(ref: Path, sizes: Sequence[int], options, overhead: int, n_tokens: int, imatrix: dict, *,
+               text: str | None = None, ctx: int = 512, max_chunks: int | None = 4, workdir: Path,
+               threads: int | None = None) -> list[dict]:
+    """One "edgellm mixed" row per target size: plan, quantize with the per-tensor types, score."""
+    from edgellm.texts import heldout_text
+
+    from .mixed import plan
+
+    rows = []
+    for size in sizes:
+        recipe = plan(options, overhead, size, n_tokens)
+        dest = Path(workdir) / f"mixed-{size}.gguf"
+        quantize(ref, dest, recipe.label, threads=threads, imatrix=imatrix, overrides=recipe.types)
+        try:
+            r = evaluate(dest, ref, heldout_text() if text is None else text, ctx=ctx, threads=threads,
+                         max_chunks=max_chunks)
+        finally:
+            dest.unlink(missing_ok=True)
+        rows.append({**score_row("edgellm mixed", f"mixed {size / 1e6:.1f}MB", r.size_bytes, r),
+                     "target_bytes": size, "predicted_kld": recipe.predicted_kld, "types": recipe.histogram()})
     return rows
 
 
@@ -151,4 +207,5 @@ def plot(rows: Sequence[dict], path: str | os.PathLike[str], title: str | None =
     return path
 
 
-__all__ = ["VARIANTS", "kld_ratios", "plot", "score_row", "sweep", "sweep_types", "write_table"]
+__all__ = ["VARIANTS", "kld_ratios", "mixed_options", "mixed_rows", "plot", "score_row", "sweep", "sweep_types",
+           "write_table"]

@@ -121,3 +121,17 @@ def test_a_full_disk_is_refused_before_any_work(tiny_hf, tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="not enough disk space"):
         convert(tiny_hf, tmp_path / "x.gguf", quant="Q4_0")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_puts_target_size_recipes_beside_the_presets(tiny_hf, tmp_path):
+    from edgellm.converters.sweep import plot, sweep, write_table
+
+    ref = convert(tiny_hf, tmp_path / "f32.gguf", quant="F32").output
+    size = convert(tiny_hf, tmp_path / "q4.gguf", quant="Q4_0", calib_text=TEXT, calib_tokens=512).bytes
+    rows = sweep(Path(ref), ["Q4_0"], calib_text=TEXT, calib_tokens=512, text=TEXT, ctx=128, max_chunks=2,
+                 workdir=tmp_path / "work", sizes=[int(size * 1.1)], sens_tokens=256)
+    mixed = [r for r in rows if r["variant"] == "edgellm mixed"]
+    assert len(rows) == 3 and len(mixed) == 1 and mixed[0]["bytes"] <= int(size * 1.1)
+    assert mixed[0]["mean_kld"] >= 0 and sum(mixed[0]["types"].values()) > 0
+    assert "edgellm mixed" in write_table(rows)
+    assert plot(rows, tmp_path / "sweep.png").stat().st_size > 1000

@@ -15,6 +15,9 @@ from .output import emit_json, err, out
 @click.option("--sweep", "sweep_types", default=None, metavar="TYPES",
               help="Comma list of types (e.g. Q4_0,IQ4_NL,Q4_K_M,Q5_K_M,Q8_0): quantize MODEL, the F32/F16 "
                    "reference, to each with llama.cpp's presets and with edgellm's calibration, and score both.")
+@click.option("--sizes", default=None, metavar="SIZES",
+              help="With --sweep: also edgellm's --target-size mixed precision at these file sizes "
+                   "(e.g. 92MB,105MB), on the same table and chart.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --sweep: write a size-vs-KLD chart (PNG; needs matplotlib).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -27,7 +30,7 @@ from .output import emit_json, err, out
 @click.option("--chunks", type=int, default=None, help="Score at most this many chunks [default: all].")
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True)
-def command(model: str, reference: str | None, sweep_types: str | None, plot_file: Path | None,
+def command(model: str, reference: str | None, sweep_types: str | None, sizes: str | None, plot_file: Path | None,
             out_file: Path | None, calib_file: Path | None, text_file: Path | None, ctx: int,
             chunks: int | None, threads: int | None, as_json: bool) -> None:
     """Perplexity, mean and p99 KL divergence to a reference, top-1 agreement, size and bits per
@@ -37,6 +40,7 @@ def command(model: str, reference: str | None, sweep_types: str | None, plot_fil
     Examples:
       edgellm eval smollm2-q4_0.gguf --ref smollm2-f32.gguf
       edgellm eval smollm2-f32.gguf --sweep Q4_0,IQ4_NL,Q4_K_M,Q5_K_M,Q8_0 --plot sweep.png --chunks 4
+      edgellm eval smollm2-f32.gguf --sweep IQ4_NL,Q4_K_M --sizes 92MB,105MB --plot sweep.png
     """
     from edgellm.converters.evaluate import evaluate
 
@@ -47,12 +51,12 @@ def command(model: str, reference: str | None, sweep_types: str | None, plot_fil
     if sweep_types is not None:
         if reference:
             raise UsageError("--ref is not used with --sweep: MODEL itself is the reference (an F32 or F16 GGUF)")
-        _sweep(model, sweep_types, plot_file, out_file, calib_file, text_file, ctx, chunks, threads, as_json)
+        _sweep(model, sweep_types, sizes, plot_file, out_file, calib_file, text_file, ctx, chunks, threads, as_json)
         return
     if reference is None:
         raise UsageError("missing --ref REF: the reference model to compare against (e.g. the F32 GGUF), "
                          "or use --sweep TYPES to quantize MODEL and compare")
-    for flag, value in (("--plot", plot_file), ("--out", out_file), ("--calib", calib_file)):
+    for flag, value in (("--plot", plot_file), ("--out", out_file), ("--calib", calib_file), ("--sizes", sizes)):
         if value is not None:
             raise UsageError(f"{flag} goes with --sweep")
     text = text_file.read_text(encoding="utf-8") if text_file else heldout_text()
@@ -73,17 +77,20 @@ def command(model: str, reference: str | None, sweep_types: str | None, plot_fil
               f"top-1      {100 * res.top1_agreement:.2f}% agreement over {res.tokens_scored} tokens")
 
 
-def _sweep(model: str, types: str, plot_file: Path | None, out_file: Path | None, calib_file: Path | None,
+def _sweep(model: str, types: str, sizes: str | None, plot_file: Path | None, out_file: Path | None,
+           calib_file: Path | None,
            text_file: Path | None, ctx: int, chunks: int | None, threads: int | None, as_json: bool) -> None:
     """`eval --sweep`: the candidates are quantized into a temporary folder that is removed afterwards."""
     import json
     import tempfile
 
+    from edgellm.converters.mixed import parse_size
     from edgellm.converters.sweep import plot, sweep, sweep_types, write_table
 
     from .. import store
 
     kinds = sweep_types(types.split(","))  # a typo fails now, not after calibration
+    targets = [parse_size(x) for x in sizes.split(",") if x.strip()] if sizes else []
     if plot_file is not None:
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
@@ -98,7 +105,7 @@ def _sweep(model: str, types: str, plot_file: Path | None, out_file: Path | None
             err.print(f"\r\x1b[K{stage} {done}/{total}", end="")
     with tempfile.TemporaryDirectory(prefix="edgellm-sweep-") as work:
         rows = sweep(ref, kinds, calib_text=calib, text=text, ctx=ctx, max_chunks=chunks, workdir=Path(work),
-                     threads=threads, progress=progress)
+                     threads=threads, progress=progress, sizes=targets)
     if progress:
         err.print()
     if out_file:
