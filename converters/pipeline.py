@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgellm.atomic import sweep_stale, temp_prefix
 from edgellm.errors import UsageError
 
 from .calibrate import compute_imatrix
@@ -119,7 +120,8 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
         write_gguf(ckpt, out, quant, progress=_stage(progress, "write"))
         return done("gguf", quant)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.work-"))
+    sweep_stale(out, "work")
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out, "work")))
     try:
         base = ref.path
         if ref.kind != "gguf" or transform is not None:  # the quantizer reads GGUF: stage as F32 first

@@ -85,9 +85,10 @@ def test_convert_is_atomic_and_a_kill_leaves_nothing(tmp_path, default_model_pat
     assert proc.poll() is None, "conversion finished before it could be interrupted"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not dest.exists()
+    assert not dest.exists() and list(tmp_path.glob(".out.gguf.partial-*"))   # only a hidden leftover
     r = run("convert", "smollm2-135m", "-o", str(dest), "--quant", "Q4_0", "--json")
     assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.glob(".out.gguf.partial-*"))   # the next write to the same file swept it
     summary = json.loads(r.stdout)
     assert dest.exists() and summary["bytes"] == dest.stat().st_size and summary["quant"] == "Q4_0"
     assert 4.0 < summary["bits_per_weight"] < 6.0
