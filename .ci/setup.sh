@@ -11,6 +11,22 @@ EXTRAS=${EXTRAS-test}  # empty: the runtime alone (no torch), as a device would 
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 LLAMA_CMAKE_ARGS=${LLAMA_CMAKE_ARGS:-"-DLLAVA_BUILD=OFF -DGGML_RPC=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"}
 
+# edgellm deploy's tests: Debian's aarch64 cross toolchain (the Pi runtime) and an emulated arm64
+# board (debootstrap + qemu-user-static + proot). Installed only when something is missing.
+DEPLOY_APT="cmake binutils gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user-static proot debootstrap"
+if command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
+  missing=""
+  for p in $DEPLOY_APT; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+  done
+  if [ -n "$missing" ]; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    echo "installing$missing (apt) ..." >&2
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null
+  fi
+fi
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel >/dev/null
 

@@ -8,6 +8,8 @@ import pytest
 
 os.environ.setdefault("EDGELLM_THREADS", "2")
 
+from deploy_fixtures import pi_bundle  # noqa: E402,F401  (session-scoped Raspberry Pi bundle)
+
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:

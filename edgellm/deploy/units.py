@@ -1,0 +1,74 @@
+"""systemd units and the settings file for an installed bundle (the RPC worker's unit is rpc.worker_unit)."""
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+
+PREFIX = "/opt/edgellm"  # install.sh's default EDGELLM_PREFIX; units refer to the `current` release
+STATE_DIR = "/var/lib/edgellm"  # the service's EDGELLM_HOME: its on-disk KV cache lives here
+USER = "edgellm"
+EXE = f"{PREFIX}/current/venv/bin/edgellm"
+
+
+def server_unit(model_file: str, *, host: str, port: int, n_ctx: int, kv_type: str, threads: int,
+                parallel: int, prompt_state: str | None = None) -> str:
+    """The unit that runs `edgellm serve` on the board (hardened: read-only system, own user)."""
+    args = [EXE, "serve", f"{PREFIX}/models/{model_file}", "--host", host, "--port", str(port),
+            "--ctx", str(n_ctx), "--kv-type", kv_type, "--parallel", str(parallel)]
+    if prompt_state:
+        args += ["--system-state", f"{PREFIX}/current/state/{prompt_state}"]
+    return "\n".join([
+        "[Unit]",
+        f"Description=edgellm OpenAI-compatible server ({model_file}) on {host}:{port}",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        "Type=exec",
+        f"User={USER}",
+        f"Environment=EDGELLM_HOME={STATE_DIR}",
+        f"Environment=EDGELLM_THREADS={threads}",
+        f"ExecStart={exec_line(args)}",
+        "Restart=on-failure",
+        "RestartSec=2",
+        "TimeoutStopSec=30",
+        f"StateDirectory={STATE_DIR.removeprefix('/var/lib/')}",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ])
+
+
+def exec_line(args: list[str]) -> str:
+    """systemd's ExecStart quoting: double quotes, with $ and % escaped so systemd leaves them alone."""
+    def q(a: str) -> str:
+        if a and all(c.isalnum() or c in "/._-:=+,@" for c in a):
+            return a
+        return '"' + a.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$").replace("%", "%%") + '"'
+
+    return " ".join(q(a) for a in args)
+
+
+def parse_unit(text: str) -> dict[str, list[str]]:
+    """key -> values of a unit file's [Service]/[Unit]/[Install] lines (repeated keys accumulate)."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            k, v = line.split("=", 1)
+            out.setdefault(k.strip(), []).append(v.strip())
+    return out
+
+
+def exec_argv(value: str) -> list[str]:
+    """Split an ExecStart value the way systemd does for the quoting exec_line produces."""
+    return [a.replace("$$", "$").replace("%%", "%") for a in shlex.split(value)]
+
+
+def env_file(values: Mapping[str, str | int]) -> str:
+    """bundle.env: the settings install.sh, uninstall.sh and healthcheck.sh source."""
+    return "".join(f"{k}={shlex.quote(str(v))}\n" for k, v in values.items())

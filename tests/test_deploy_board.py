@@ -1,0 +1,152 @@
+"""The Raspberry Pi bundle on an emulated board: Debian 12 arm64 (Pi OS-like: python3, no compiler,
+no libgomp) under qemu-user. Copy the .tar.gz in, install twice, start the service exactly as its
+systemd unit would, ask the real default model a question over HTTP, compare with the same request
+to an x86 server here, health-check, and uninstall twice.
+
+One run per test session (the board is a module-scoped fixture); emulated speed is not a benchmark.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import emulated_board as eb  # noqa: E402
+from deploy_fixtures import QUESTION, SYSTEM_PROMPT, free_port  # noqa: E402
+
+from edgellm.deploy import units  # noqa: E402
+
+HOME = "/home/pi"
+MAX_TOKENS = 16
+
+
+def _http(port: int, path: str, body: dict | None = None, timeout: float = 5) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+def _wait_health(port: int, proc: subprocess.Popen, deadline_s: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"service exited with {proc.returncode}:\n{out[-3000:]}")
+        try:
+            _http(port, "/health", timeout=2)
+            return time.monotonic() - t0
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"no /health within {deadline_s:.0f} s")
+
+
+def _ask(port: int, timeout: float) -> str:
+    body = {"model": "default", "temperature": 0, "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": QUESTION}]}
+    return _http(port, "/v1/chat/completions", body, timeout=timeout)["choices"][0]["message"]["content"]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _service_command(root: Path, unit_path: str) -> tuple[list[str], dict[str, str]]:
+    """ExecStart and Environment of the installed unit (systemd itself does not run in the root)."""
+    unit = units.parse_unit((root / unit_path.lstrip("/")).read_text())
+    env = dict(e.split("=", 1) for e in unit.get("Environment", []))
+    return units.exec_argv(unit["ExecStart"][0]), env
+
+
+@pytest.fixture(scope="module")
+def board(pi_bundle, tmp_path_factory):
+    """A fresh copy of the cached arm64 root with the bundle's .tar.gz unpacked in /home/pi."""
+    missing = eb.missing_tools()
+    assert not missing, f"apt-get install {' '.join(missing)} (.ci/setup.sh does)"
+    root = tmp_path_factory.mktemp("board") / "root"
+    subprocess.run(["cp", "-a", str(eb.arm64_root()), str(root)], check=True)
+    assert not list(root.glob("usr/lib/aarch64-linux-gnu/libgomp*")), "the board must not have libgomp"
+    assert not any((root / "usr/bin" / cc).exists() for cc in ("cc", "gcc", "aarch64-linux-gnu-gcc"))
+    (root / HOME.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    with tarfile.open(pi_bundle.report.tar_path) as tar:
+        tar.extractall(root / HOME.lstrip("/"), filter="tar")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_bundle_installs_serves_and_answers_on_an_emulated_pi(board, pi_bundle):
+    root, spec = board, pi_bundle.spec
+    bundle = f"{HOME}/kiosk"
+    t0 = time.monotonic()
+    first = eb.run(root, ["/bin/bash", f"{bundle}/install.sh"], timeout=600)
+    install_s = time.monotonic() - t0
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "systemd is not running here" in first.stdout
+    installed = {p: p.stat().st_mtime_ns for p in (root / "opt/edgellm").rglob("*") if p.is_file()}
+    t0 = time.monotonic()
+    again = eb.run(root, ["/bin/bash", f"{bundle}/install.sh"], timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "is already installed" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in (root / "opt/edgellm").rglob("*") if p.is_file()} == installed
+    reinstall_s = time.monotonic() - t0
+    assert "edgellm:" in (root / "etc/passwd").read_text()  # the service's own user
+
+    argv, env = _service_command(root, "/etc/systemd/system/edgellm.service")
+    service = subprocess.Popen(eb.command(root, argv, env=env), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    host_port = free_port()
+    host_argv = [sys.executable, "-m", "edgellm.cli", "serve", str(pi_bundle.model), "--host", "127.0.0.1",
+                 "--port", str(host_port), "--ctx", str(spec.n_ctx), "--kv-type", spec.kv_type,
+                 "--parallel", str(spec.parallel), "--system-state", str(pi_bundle.path / "state" / "system.kv")]
+    host = subprocess.Popen(host_argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "EDGELLM_HOME": str(root.parent / "x86")})
+    try:
+        _wait_health(host_port, host, 120)
+        expected = _ask(host_port, 120)
+        startup_s = _wait_health(spec.port, service, 300)
+        t0 = time.monotonic()
+        answer = _ask(spec.port, 300)
+        answer_s = time.monotonic() - t0
+        models = _http(spec.port, "/v1/models")
+        health = eb.run(root, ["/bin/bash", f"{bundle}/healthcheck.sh", "30"], timeout=120)
+    finally:
+        _stop(service)
+        _stop(host)
+    print(f"\nemulated board: install {install_s:.0f} s, install again {reinstall_s:.0f} s, "
+          f"service up in {startup_s:.0f} s, answer in {answer_s:.0f} s: {answer!r} (x86: {expected!r})")
+    assert answer.strip() and answer == expected
+    assert "Paris" in answer
+    assert [m["id"] for m in models["data"]]
+    assert health.returncode == 0 and "ok" in health.stdout, health.stdout + health.stderr
+
+    # The check can fail: without the vendored libgomp the runtime does not load on this board.
+    lib = next((root / "opt/edgellm/current/venv/lib").glob("python3*/site-packages/llama_cpp/lib"))
+    (lib / "libgomp.so.1").rename(lib / "libgomp.so.1.hidden")
+    try:
+        broken = eb.run(root, ["/opt/edgellm/current/venv/bin/python", "-c", "import llama_cpp"], timeout=300)
+    finally:
+        (lib / "libgomp.so.1.hidden").rename(lib / "libgomp.so.1")
+    assert broken.returncode != 0 and "libgomp.so.1" in broken.stderr
+
+    for _ in range(2):  # uninstall is idempotent too
+        gone = eb.run(root, ["/bin/bash", f"{bundle}/uninstall.sh", "--purge"], timeout=120)
+        assert gone.returncode == 0, gone.stdout + gone.stderr
+    assert not (root / "opt/edgellm").exists() and not (root / "etc/systemd/system/edgellm.service").exists()
+    assert "edgellm:" not in (root / "etc/passwd").read_text()
