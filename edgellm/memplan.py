@@ -159,8 +159,9 @@ def estimate(model_path: str | os.PathLike[str] | GGUFInfo, n_ctx: int, kv_type:
              server: bool = False) -> MemoryEstimate:
     """Peak RAM of `model_path` at `n_ctx` tokens (clamped to the model's trained context).
 
-    state_cache_bytes: KV snapshots kept for reuse; default one full-context snapshot (a session
-    switching conversations holds at least that). server: add the HTTP stack's share.
+    n_seq: sequences (server slots), each with its own n_ctx-cell KV stream. state_cache_bytes: KV
+    snapshots kept for reuse; default one full-context snapshot (a session switching conversations
+    holds at least that). server: add the HTTP stack's share.
     """
     info = model_path if isinstance(model_path, GGUFInfo) else validate_gguf(Path(model_path))
     if n_ctx < 16:
@@ -168,10 +169,10 @@ def estimate(model_path: str | os.PathLike[str] | GGUFInfo, n_ctx: int, kv_type:
     trained = info.hparams().get("context_length")
     n_ctx = min(n_ctx, trained) if trained else n_ctx
     fa = default_flash_attn(kv_type) if flash_attn is None else flash_attn
-    kv = kv_cache_bytes(info, n_ctx, kv_type)
+    kv = kv_cache_bytes(info, n_ctx, kv_type)  # per sequence: each has its own n_ctx-cell stream
     return MemoryEstimate(
         model=Path(info.path).name, path=str(info.path), quant=info.file_type_name, n_ctx=n_ctx, kv_type=kv_type, flash_attn=fa,
-        n_seq=n_seq, n_params=info.n_params, weights_bytes=info.file_size, kv_bytes=kv,
+        n_seq=n_seq, n_params=info.n_params, weights_bytes=info.file_size, kv_bytes=kv * n_seq,
         compute_bytes=compute_bytes(info, n_ctx, fa) + (n_seq - 1) * (info.hparams()["vocab_size"] or 0) * 4,
         state_cache_bytes=kv if state_cache_bytes is None else state_cache_bytes,
         runtime_bytes=RUNTIME_OVERHEAD_BYTES + (SERVER_OVERHEAD_BYTES if server else 0))
@@ -217,7 +218,7 @@ def _suggest(est: MemoryEstimate, usable: int) -> list[str]:
     out = []
     info = validate_gguf(Path(est.path))
     keep = {"flash_attn": est.flash_attn, "n_seq": est.n_seq, "server": est.runtime_bytes > RUNTIME_OVERHEAD_BYTES}
-    snap = est.state_cache_bytes / max(est.kv_bytes, 1)  # snapshots scale with the context too
+    snap = est.state_cache_bytes / max(est.kv_bytes // est.n_seq, 1)  # snapshots scale with the context too
     for ctx in range(est.n_ctx // 256 * 256, 255, -256):
         e = estimate(info, ctx, est.kv_type, **keep, state_cache_bytes=int(kv_cache_bytes(info, ctx, est.kv_type) * snap))
         if e.total_bytes <= usable:
@@ -225,7 +226,7 @@ def _suggest(est: MemoryEstimate, usable: int) -> list[str]:
             break
     if est.kv_type in ("f16", "f32", "bf16"):
         kv8 = est.kv_bytes * KV_BYTES["q8_0"] / KV_BYTES[est.kv_type]
-        saved = (est.kv_bytes - kv8) * (1 + est.state_cache_bytes / max(est.kv_bytes, 1))
+        saved = (est.kv_bytes + est.state_cache_bytes) * (1 - kv8 / est.kv_bytes)
         if est.total_bytes - saved <= usable:
             out.append("--kv-type q8_0 fits")
     room = usable - (est.total_bytes - est.weights_bytes)

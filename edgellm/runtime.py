@@ -41,7 +41,7 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
     performance cores (or EDGELLM_THREADS). disk_cache: True (under EDGELLM_HOME/kv), a directory, or
     False. prompt_state: a file from `cache_prompt` whose KV state is reused for matching prompts.
     Refuses (InsufficientMemoryError) before loading a model that edgellm.memplan says will not fit.
-    parallel: sequences sharing the n_ctx-cell KV pool (edgellm serve's slots). rpc: llama.cpp RPC
+    parallel: sequences, each with an n_ctx-token KV cache (edgellm serve's slots). rpc: llama.cpp RPC
     workers ('host:port,...' or a list) that hold the layers (see edgellm.rpc).
     """
     from .device import probe

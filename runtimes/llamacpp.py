@@ -60,7 +60,7 @@ class LlamaOptions:
     n_batch: int = 2048
     n_ubatch: int = 512
     use_mmap: bool = True
-    n_seq: int = 1  # sequences sharing one unified KV pool of n_ctx cells (the server's parallel slots)
+    n_seq: int = 1  # sequences, each with its own n_ctx-cell KV stream (the server's parallel slots)
     rpc: tuple[str, ...] = ()  # llama.cpp RPC workers ("host:port") that hold the model's layers
 
     def __post_init__(self) -> None:
@@ -75,8 +75,8 @@ class LlamaOptions:
 
 
 class LlamaCppBackend:
-    """One llama.cpp model + context; the Session drives sequence 0, the server's batch engine
-    drives sequences 0..n_seq-1 through the `*_batch`/`seq_*` methods."""
+    """One llama.cpp model + context; the Session drives sequence 0, the server's engine drives
+    sequences 0..n_seq-1 through `decode_batch` and the `seq_*` methods."""
 
     name = "llama.cpp"
 
@@ -100,14 +100,17 @@ class LlamaCppBackend:
             raise InvalidModelError(f"{path}: llama.cpp could not load the model (run with --verbose for its log)")
         n_ctx_train = ll.llama_model_n_ctx_train(self._model)
         cparams = ll.llama_context_default_params()
-        cparams.n_ctx = min(options.n_ctx, n_ctx_train) if n_ctx_train > 0 else options.n_ctx
+        cparams.n_ctx = (min(options.n_ctx, n_ctx_train) if n_ctx_train > 0 else options.n_ctx) * options.n_seq
         cparams.n_batch = min(options.n_batch, cparams.n_ctx)
         cparams.n_ubatch = min(options.n_ubatch, cparams.n_batch)
         cparams.n_threads = options.threads
         cparams.n_threads_batch = options.threads_batch or options.threads
         cparams.no_perf = True
         cparams.n_seq_max = options.n_seq
-        cparams.kv_unified = options.n_seq > 1  # one pool: any sequence may use any free cell
+        # A stream per sequence rather than one shared pool: a sequence's cells then sit exactly where
+        # they would in a context of its own, so its attention sums round the same way (greedy outputs
+        # equal a single-client run); a shared pool scatters them among other sequences' cells.
+        cparams.kv_unified = False
         cparams.type_k = cparams.type_v = KV_TYPES[options.kv_type]
         fa = {None: ll.LLAMA_FLASH_ATTN_TYPE_AUTO, True: ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
               False: ll.LLAMA_FLASH_ATTN_TYPE_DISABLED}[options.flash_attn]
@@ -123,7 +126,7 @@ class LlamaCppBackend:
         self._vocab = ll.llama_model_get_vocab(self._model)
         self._mem = ll.llama_get_memory(self._ctx)
         self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
-        self._n_ctx = ll.llama_n_ctx(self._ctx)
+        self._n_ctx = ll.llama_n_ctx_seq(self._ctx)  # per sequence
         self._n_batch = cparams.n_batch
         self._n_past = 0
         self._one = (ll.llama_token * 1)()

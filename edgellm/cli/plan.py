@@ -13,7 +13,7 @@ from .output import emit_json, out
                    "this-device [default: every Pi board and this device].")
 @click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context size in tokens.")
 @click.option("--kv-type", default="f16", show_default=True, help="KV-cache type: f16, q8_0, q4_0, f32.")
-@click.option("--parallel", type=int, default=1, show_default=True, help="Sequences sharing the KV pool (serve).")
+@click.option("--parallel", type=int, default=1, show_default=True, help="Server slots, each with a --ctx KV cache.")
 @click.option("--server", is_flag=True, help="Add the HTTP server's share (edgellm serve).")
 @click.option("--strict", is_flag=True, help="Exit with the out-of-memory code (6) if a board does not fit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate and the fit per board as JSON.")

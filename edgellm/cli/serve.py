@@ -16,7 +16,10 @@ from .output import err
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' [default: EDGELLM_API_KEY, else none].")
 @click.option("--parallel", type=int, default=4, show_default=True,
-              help="Requests decoded together (continuous batching); 1 serves one request at a time.")
+              help="Requests in flight at once, each with its own --ctx KV cache; 1 serves one at a time.")
+@click.option("--batch", is_flag=True,
+              help="Decode all requests in one llama.cpp batch: more tokens/s with many clients, but greedy "
+                   "answers may differ slightly from a single-client run.")
 @click.option("--queue", "max_queue", type=int, default=16, show_default=True,
               help="Requests that may wait for a slot; more get HTTP 503.")
 @click.option("--timeout", "timeout_s", type=float, default=300, show_default=True,
@@ -30,15 +33,16 @@ from .output import err
               help="A state file from `edgellm cache-prompt` (a precomputed system prompt) to reuse.")
 @click.option("--temperature", type=float, default=0.7, show_default=True, help="Default when a request gives none.")
 @model_options
-def command(model: str | None, host: str, port: int, api_key: str | None, parallel: int, max_queue: int,
+def command(model: str | None, host: str, port: int, api_key: str | None, parallel: int, batch: bool, max_queue: int,
             timeout_s: float, default_max_tokens: int, drain_s: float, rpc: str | None, prompt_state: str | None,
             temperature: float, **kw) -> None:
     """Serve MODEL (default: the embedded SmolLM2-135M) over HTTP with the OpenAI API:
     /v1/chat/completions (streaming and not), /v1/completions, /v1/models, /health.
 
-    Concurrent requests are decoded together in one batch; each conversation reuses the KV cache of its
-    earlier turns. The KV pool (--ctx) is shared by all requests: each one reserves its prompt plus
-    max_tokens. Memory is checked before loading (see `edgellm plan --server`).
+    Requests in flight advance together token by token (a new one starts at once, not after the others);
+    each conversation reuses the KV cache of its earlier turns. Each of the --parallel slots has a
+    --ctx-token KV cache, so memory grows with both (checked before loading; see
+    `edgellm plan --server --parallel N`).
 
     \b
     Examples:
@@ -65,11 +69,11 @@ def command(model: str | None, host: str, port: int, api_key: str | None, parall
     session = edgellm.load(model, parallel=parallel, rpc=rpc, prompt_state=prompt_state,
                            sampler=SamplerConfig(temperature=temperature), **lk)
     model_id = model_name(model, session.model_path)
-    config = ServeConfig(model_id=model_id, parallel=parallel, max_queue=max_queue, timeout_s=timeout_s,
+    config = ServeConfig(model_id=model_id, parallel=parallel, batch=batch, max_queue=max_queue, timeout_s=timeout_s,
                          default_max_tokens=default_max_tokens, api_key=key, drain_s=drain_s)
     server = EdgeServer(session, config, host=host, port=port)
-    err.print(f"edgellm serve: {model_id} on http://{host}:{port}/v1  (ctx {session.n_ctx} shared by "
-              f"{parallel} slots, queue {max_queue}, timeout {timeout_s:g} s, "
+    err.print(f"edgellm serve: {model_id} on http://{host}:{port}/v1  ({parallel} slots of {session.n_ctx} "
+              f"tokens{', batched' if batch else ''}, queue {max_queue}, timeout {timeout_s:g} s, "
               f"API key {'required' if key else 'off'}{', RPC ' + rpc if rpc else ''}) — Ctrl-C to stop")
     try:
         server.run()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .engine import Engine, QueueFullError, Request
 class ServeConfig:
     model_id: str
     parallel: int = 4
+    batch: bool = False  # one llama_decode for all requests (faster, not bit-identical to single runs)
     max_queue: int = 16
     timeout_s: float = 300.0  # per request, queueing included
     default_max_tokens: int = 512  # when a request gives none (OpenAI: "up to the context")
@@ -69,7 +71,7 @@ class Server:
 
     def __init__(self, session: Session, config: ServeConfig) -> None:
         self.session, self.config = session, config
-        self.engine = Engine(session, parallel=config.parallel, max_queue=config.max_queue)
+        self.engine = Engine(session, parallel=config.parallel, max_queue=config.max_queue, batch=config.batch)
         self.started = time.time()
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -248,10 +250,21 @@ class EdgeServer:
             timeout_graceful_shutdown=max(1, int(config.drain_s)), lifespan="on"))
 
     def run(self) -> None:
+        """Serve until SIGINT/SIGTERM (or stop()); returns after the graceful drain."""
+        import signal
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            # uvicorn drains on these signals and then re-raises them into the handlers it found:
+            # no-op ones let run() return normally, so the caller closes the model and exits 0.
+            previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.uvicorn.run()
         except SystemExit as e:  # uvicorn exits when it cannot bind
             raise EdgeLLMError(f"the server could not start (port in use or not allowed?): exit {e.code}") from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     @property
     def port(self) -> int:

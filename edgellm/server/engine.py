@@ -1,18 +1,22 @@
-"""Continuous batching over llama.cpp sequences: the server's one inference thread.
+"""The server's one inference thread: requests advance together, token by token, on llama.cpp sequences.
 
-Why batching rather than one request at a time: decode of a small model is bound by per-step overhead
-and weight reads, and one llama_decode over 8 sequences' next tokens costs far less than 8 decodes, so
-concurrent clients share the steps (throughput) and a new request's prefill joins the very next step
-instead of waiting for whole answers ahead of it (fair time to first token). `parallel=1` is the
-serialising fallback.
+Every step, each active request gets its next token evaluated (or its next prompt chunk), so a new
+request starts at the next step instead of waiting for whole answers ahead of it (fair time to first
+token), and a client's stream never waits for another's to end. Two ways to run a step:
+- interleaved (default): one llama_decode per sequence. Each sequence has its own KV stream, so its
+  numbers are exactly those of a single-client run: greedy answers are identical whatever else runs.
+  Aggregate decode speed equals one client's (a step costs one decode per active request).
+- batched (`batch=True`, llama-server's continuous batching): one llama_decode over all sequences'
+  tokens. The weights are read once per step, so the aggregate speed grows with the number of clients,
+  but llama.cpp's CPU kernels round differently at other batch sizes, so a greedy answer can differ
+  from the single-client one where two tokens are nearly tied.
+`parallel=1` serves one request at a time.
 
-KV reuse per conversation: every slot is a llama.cpp sequence in one unified KV pool and keeps the tokens
-of its last request after it finishes. A new request takes the idle slot whose tokens share the longest
-prefix with its prompt, or — when a snapshot in the session's in-memory PrefixCache (stashed slots, a
-shipped system prompt) shares more — restores that snapshot into the least recently used idle slot.
-Idle slots are stashed and cleared (LRU first) when the pool needs their cells for admitted requests.
+KV reuse per conversation: each slot is a sequence that keeps the tokens of its last request. A new
+request takes the idle slot whose tokens share the longest prefix with its prompt or — when a snapshot in
+the session's in-memory PrefixCache (stashed slots, a shipped system prompt) shares more — restores that
+snapshot into the least recently used idle slot. A slot's contents are stashed before being overwritten.
 
-Admission reserves prompt + max_tokens cells, so an admitted request never runs out of KV mid-answer.
 All llama.cpp calls happen on the engine thread; the HTTP side talks to it through `submit` and the
 `emit` callback of each request.
 """
@@ -86,14 +90,16 @@ class Engine:
     The engine owns the backend from `start()` on: don't use the session to generate meanwhile.
     """
 
-    def __init__(self, session: Session, *, parallel: int = 4, max_queue: int = 16, step_tokens: int = 512) -> None:
+    def __init__(self, session: Session, *, parallel: int = 4, max_queue: int = 16, step_tokens: int = 512,
+                 batch: bool = False) -> None:
         be = session.backend
         n_seq = getattr(getattr(be, "options", None), "n_seq", 1)
         if parallel > n_seq:
             raise BackendError(f"the backend holds {n_seq} sequences; load with parallel={parallel}")
         self.session, self.backend = session, be
-        self.pool = be.n_ctx
+        self.pool = be.n_ctx  # per slot: each sequence has its own KV stream
         self.max_queue = max_queue
+        self.batch = batch
         self.step_tokens = max(parallel, step_tokens)
         self.slots = [Slot(seq) for seq in range(parallel)]
         self.queue: deque[Request] = deque()
@@ -168,8 +174,6 @@ class Engine:
                     self._step()
                 except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
                     self._fail_active(e)
-            elif self.queue:
-                time.sleep(0.005)  # waiting for pool space that only a finishing request frees
 
     def _expire_queued(self, now: float) -> None:
         with self._cv:
@@ -188,25 +192,11 @@ class Engine:
                     return
                 req = self.queue[0]
             idle = [s for s in self.slots if s.req is None]
-            if not idle or not self._make_room(req, idle):
+            if not idle:
                 return
             with self._cv:
                 self.queue.popleft()
             self._assign(req, idle)
-
-    def _make_room(self, req: Request, idle: list[Slot]) -> bool:
-        """Reserve cells for `req`, clearing idle slots (LRU first) if the pool needs them."""
-        reserved = sum(s.req.need for s in self.slots if s.req is not None)
-        if reserved + req.need > self.pool:
-            return False  # wait for an active request to finish
-        keep = _best_slot(idle, req.prompt)
-        for slot in sorted(idle, key=lambda s: s.last_used):
-            held = sum(len(s.tokens) for s in idle if s is not keep)
-            if reserved + req.need + held <= self.pool:
-                break
-            if slot is not keep:
-                self._evict(slot)
-        return True
 
     def _evict(self, slot: Slot) -> None:
         if len(slot.tokens) >= STASH_MIN_TOKENS:
@@ -230,8 +220,8 @@ class Engine:
                 reuse = 0
         reuse = min(reuse, limit)
         if reuse < len(slot.tokens):
-            if not reuse and len(slot.tokens) >= STASH_MIN_TOKENS:
-                self._evict(slot)  # keep what it held for whoever comes back to it
+            if len(slot.tokens) >= STASH_MIN_TOKENS:  # keep it for the conversation that comes back to it
+                self.session.memory_cache.put(slot.tokens, self.backend.seq_state(slot.seq))
             self.backend.seq_remove(slot.seq, reuse)
             del slot.tokens[reuse:]
         req.reused_tokens, req.cache_source = reuse, source if reuse else None
@@ -240,35 +230,40 @@ class Engine:
         slot.sampler = None if req.config.greedy else self.backend.make_sampler(req.config)
 
     def _step(self) -> None:
+        """Decoding slots' next tokens, then prompt chunks as far as the step's token budget goes."""
+        work: list[tuple[Slot, list[int], bool]] = []  # slot, tokens to evaluate, wants logits
+        for slot in self.slots:
+            if slot.req is not None and slot.next_token is not None:
+                work.append((slot, [slot.next_token], True))
+        budget = self.step_tokens - len(work)
+        for slot in self.slots:
+            if slot.req is None or not slot.pending or budget <= 0:
+                continue
+            chunk = slot.pending[:budget]
+            work.append((slot, chunk, len(chunk) == len(slot.pending)))
+            budget -= len(chunk)
+        for group in ([work] if self.batch else [[w] for w in work]):
+            self._decode(group)
+
+    def _decode(self, group: list[tuple[Slot, list[int], bool]]) -> None:
         toks: list[int] = []
         pos: list[int] = []
         seqs: list[int] = []
         outs: list[bool] = []
-        rows: list[tuple[Slot, int, list[int]]] = []  # slot, its output row (-1: none), tokens added
-        for slot in self.slots:  # decoding slots first: one token each
-            if slot.req is not None and slot.next_token is not None:
-                rows.append((slot, len(toks), [slot.next_token]))
-                toks.append(slot.next_token), pos.append(len(slot.tokens)), seqs.append(slot.seq), outs.append(True)
-        budget = self.step_tokens - len(toks)
-        for slot in self.slots:  # then prompt chunks, as far as the step's budget goes
-            if slot.req is None or not slot.pending or budget <= 0:
-                continue
-            chunk = slot.pending[:budget]
-            last = len(chunk) == len(slot.pending)
+        rows = []
+        for slot, chunk, logits in group:
             base = len(slot.tokens)
-            for i, t in enumerate(chunk):
-                toks.append(t), pos.append(base + i), seqs.append(slot.seq), outs.append(last and i == len(chunk) - 1)
-            rows.append((slot, len(toks) - 1 if last else -1, chunk))
-            budget -= len(chunk)
-        if not toks:
-            return
+            toks += chunk
+            pos += range(base, base + len(chunk))
+            seqs += [slot.seq] * len(chunk)
+            outs += [False] * (len(chunk) - 1) + [logits]
+            rows.append(len(toks) - 1 if logits else -1)
         self.backend.decode_batch(toks, pos, seqs, outs)
         self.stats["steps"] += 1
         self.stats["batched_tokens"] += len(toks)
-        for slot, row, added in rows:
-            slot.tokens.extend(added)
-            if slot.pending:
-                del slot.pending[:len(added)]
+        for (slot, chunk, _), row in zip(group, rows):
+            slot.tokens.extend(chunk)
+            del slot.pending[:len(chunk) if slot.pending else 0]
             slot.next_token = None
             if row >= 0:
                 self._take(slot, row)

@@ -1,0 +1,266 @@
+"""edgellm serve on the real default model, through the official openai client and raw HTTP: round trips,
+isolation of concurrent streams, KV reuse per conversation, bad input, a client that hangs up
+mid-stream, queue overflow, the API key, and a graceful SIGTERM of the CLI server."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import openai
+import pytest
+
+import edgellm
+from edgellm.server import EdgeServer, ServeConfig
+
+MODEL = "smollm2-135m"
+PROMPTS = ["List three fruits.", "What is a Raspberry Pi?", "Name two colours.", "Say hello in French.",
+           "What is 2 + 2?", "Name a planet.", "What do cats eat?", "Write a haiku about rain."]
+
+
+@contextmanager
+def running(path, *, n_ctx: int = 2048, **config):
+    """An in-process server on an ephemeral loopback port; always shut down."""
+    session = edgellm.load(path, n_ctx=n_ctx, disk_cache=False, sampler=edgellm.GREEDY,
+                           parallel=config.get("parallel", 4))
+    server = EdgeServer(session, ServeConfig(model_id=MODEL, **config), port=0)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.uvicorn.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.stop()
+        thread.join(30)
+        session.close()
+
+
+@pytest.fixture(scope="module")
+def base(default_model_path):
+    with running(default_model_path, parallel=8, max_queue=32) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client, prompt: str, *, stream: bool = False, max_tokens: int = 24, history=()) -> tuple[str, object]:
+    messages = [*history, {"role": "user", "content": prompt}]
+    if not stream:
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0)
+        return r.choices[0].message.content, r
+    pieces, usage, reason = [], None, None
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
+                                                temperature=0, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            reason = c.finish_reason or reason
+    return "".join(pieces), (usage, reason)
+
+
+def post(url: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_openai_client_round_trip(client, base, llm):
+    text, r = ask(client, PROMPTS[0])
+    streamed, (usage, reason) = ask(client, PROMPTS[0], stream=True)
+    expected = llm.chat([{"role": "user", "content": PROMPTS[0]}], max_tokens=24)  # same model, same prompt
+    assert text == streamed == expected.text and text
+    prompt_tokens = len(llm.tokenize(llm.render([{"role": "user", "content": PROMPTS[0]}])))
+    assert r.usage.prompt_tokens == usage.prompt_tokens == prompt_tokens
+    assert r.usage.completion_tokens == usage.completion_tokens == len(expected.tokens)
+    assert r.choices[0].finish_reason == reason == "stop"
+    assert usage.prompt_tokens_details.cached_tokens == prompt_tokens - 1  # the same prompt again: all reused
+    cut = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPTS[1]}],
+                                         max_tokens=5, temperature=0)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 5
+    done = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert done.choices[0].text == llm.generate("The capital of France is", max_tokens=6).text
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    with urllib.request.urlopen(f"{base}/health") as h:
+        assert json.loads(h.read())["status"] == "ok"
+
+
+def greedy_consistent(llm, prompt: str, text: str, margin: float = 0.05) -> bool:
+    """Every token of `text` is the model's top choice (up to rounding noise) after `prompt` and the
+    tokens before it: teacher forcing on a separate single-sequence session."""
+    context = llm.tokenize(llm.render([{"role": "user", "content": prompt}]))
+    answer = llm.backend.tokenize(text, add_special=False, parse_special=False)
+    for tok in answer:
+        logits = llm.logits(context)
+        if logits[tok] < logits.max() - margin:
+            return False
+        context = context + [tok]
+    return True
+
+
+def test_concurrent_streams_are_isolated(client, llm):
+    """8 clients streaming at once: all complete, and each answer is its own prompt's greedy answer."""
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: ask(client, p, stream=True, max_tokens=24), PROMPTS))
+    assert len({t for t, _ in together}) == len(PROMPTS)
+    for prompt, (text, (usage, reason)) in zip(PROMPTS, together):
+        assert reason in ("stop", "length") and usage.completion_tokens > 0
+        assert greedy_consistent(llm, prompt, text), (prompt, text)
+    assert not greedy_consistent(llm, PROMPTS[0], together[1][0])  # the check does tell answers apart
+
+
+def test_concurrent_answers_equal_single_client_runs(client, llm):
+    """8 clients at once get exactly the greedy text a single-sequence session gives for each prompt.
+    The prompts share no prefix, so neither side reuses KV computed for another prompt (re-evaluating
+    a prompt's last token alone rounds differently from evaluating it in the prompt's batch)."""
+    prompts = ["Apples are", "Rivers flow", "Seven days", "Quantum physics", "Green tea", "Music makes",
+               "Mountains rise", "Winter comes"]
+    alone = [llm.generate(p, max_tokens=24).text for p in prompts]
+
+    def complete(p: str) -> str:
+        return client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(complete, prompts))
+    assert together == alone and len(set(alone)) == len(prompts)
+
+
+def test_each_conversation_reuses_its_own_kv_cache(client):
+    a1, first = ask(client, "Tell me about cats.", max_tokens=16)
+    ask(client, "Tell me about the sea.", max_tokens=16)
+    history = [{"role": "user", "content": "Tell me about cats."}, {"role": "assistant", "content": a1}]
+    _, r = ask(client, "And dogs?", history=history, max_tokens=8)
+    # the earlier turn (its prompt and all but the last answer token, which was sampled but never
+    # evaluated) is not evaluated again, though another conversation ran in between
+    seen = first.usage.prompt_tokens + first.usage.completion_tokens - 1
+    assert r.usage.prompt_tokens_details.cached_tokens >= seen
+
+
+def test_bad_input_gets_openai_style_errors(base, client):
+    url = f"{base}/v1/chat/completions"
+    status, body = post(url, b'{"model": "smollm2-135m", "messages": [')
+    assert status == 400 and body["error"]["type"] == "invalid_request_error" and "JSON" in body["error"]["message"]
+    status, body = post(url, {"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, body = post(url, {"model": MODEL, "messages": "hi"})
+    assert status == 400 and body["error"]["param"] == "messages"
+    status, body = post(url, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"})
+    assert status == 400 and body["error"]["param"] == "temperature"
+    long = "word " * 3000
+    status, body = post(url, {"model": MODEL, "messages": [{"role": "user", "content": long}], "max_tokens": 16})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert "2048-token context" in body["error"]["message"] and "max_tokens is 16" in body["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert ask(client, PROMPTS[2])[0]  # the server is still fine
+
+
+def test_client_hanging_up_mid_stream_leaves_a_consistent_server(base, client):
+    expected, _ = ask(client, PROMPTS[3], max_tokens=48)
+    host, port = base.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "stream": True, "max_tokens": 200, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Write a long story about a dragon."}]}).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        got = b""
+        while got.count(b"data: ") < 4:
+            got += s.recv(4096)
+    deadline = time.monotonic() + 30
+    while True:  # the engine notices, stops that request and frees its slot
+        with urllib.request.urlopen(f"{base}/health") as h:
+            if json.loads(h.read())["busy"] == 0:
+                break
+        assert time.monotonic() < deadline, "the abandoned request kept running"
+        time.sleep(0.05)
+    again, _ = ask(client, PROMPTS[3], max_tokens=48)
+    story, _ = ask(client, "Write a long story about a dragon.", max_tokens=12)
+    assert again == expected and story
+
+
+def test_queue_overflow_and_api_key(default_model_path):
+    with running(default_model_path, n_ctx=1024, parallel=1, max_queue=1, api_key="sekret") as url:
+        key = {"Authorization": "Bearer sekret"}
+        msg = {"model": MODEL, "messages": [{"role": "user", "content": "Count from 1 to 100."}], "max_tokens": 300,
+               "temperature": 0}
+        status, body = post(f"{url}/v1/chat/completions", msg)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        status, _ = post(f"{url}/v1/chat/completions", msg, {"Authorization": "Bearer wrong"})
+        assert status == 401
+        with urllib.request.urlopen(f"{url}/health") as h:  # open for health checks
+            assert h.status == 200
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, f"{url}/v1/chat/completions", msg, key)  # takes the only slot
+            _wait(url, lambda h: h["busy"] == 1)
+            second = pool.submit(post, f"{url}/v1/chat/completions", {**msg, "max_tokens": 4}, key)  # waits
+            _wait(url, lambda h: h["queued"] == 1)
+            status, body = post(f"{url}/v1/chat/completions", msg, key)
+            assert status == 503 and body["error"]["code"] == "queue_full"
+            assert first.result()[0] == 200 and second.result()[0] == 200
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="sekret", max_retries=0)
+        assert c.chat.completions.create(model=MODEL, messages=msg["messages"], max_tokens=4).choices[0].message
+
+
+def _wait(url: str, cond, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"{url}/health") as h:
+            if cond(json.loads(h.read())):
+                return
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_cli_server_finishes_in_flight_streams_on_sigterm(default_model_path, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "EDGELLM_API_KEY": "k"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", str(default_model_path), "--port", str(port),
+                             "--ctx", "1024", "--parallel", "2", "--drain", "120"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < end, proc.stderr.read().decode()
+                time.sleep(0.1)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+        stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count to 50."}],
+                                           max_tokens=16, temperature=0, stream=True)
+        pieces = [next(iter(stream)).choices[0].delta.content]
+        proc.send_signal(signal.SIGTERM)
+        reason = None
+        for chunk in stream:
+            for ch in chunk.choices:
+                pieces.append(ch.delta.content or "")
+                reason = ch.finish_reason or reason
+        assert reason in ("stop", "length") and "".join(pieces)
+        assert proc.wait(150) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
