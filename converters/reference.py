@@ -115,9 +115,14 @@ class ImatrixCollector:
     def __init__(self) -> None:
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
+        self._last: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
 
     def __call__(self, name: str, x: np.ndarray) -> None:
-        sq = (x.astype(np.float64) ** 2).sum(axis=0)
+        if self._last[0] is x:        # q/k/v (and gate/up) read the same rows: square them once
+            sq = self._last[1]
+        else:
+            sq = np.einsum("ij,ij->j", x, x, dtype=np.float64)
+            self._last = (x, sq)
         if name in self.sums:
             self.sums[name] += sq
         else:
