@@ -99,6 +99,9 @@ def test_openai_client_round_trip(client, base, llm):
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 5
     done = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
     assert done.choices[0].text == llm.generate("The capital of France is", max_tokens=6).text
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, stream=True) if c.choices]
+    assert "".join(pieces) == done.choices[0].text
     assert [m.id for m in client.models.list().data] == [MODEL]
     with urllib.request.urlopen(f"{base}/health") as h:
         assert json.loads(h.read())["status"] == "ok"
@@ -200,7 +203,7 @@ def test_client_hanging_up_mid_stream_leaves_a_consistent_server(base, client):
 def test_queue_overflow_and_api_key(default_model_path):
     with running(default_model_path, n_ctx=1024, parallel=1, max_queue=1, api_key="sekret") as url:
         key = {"Authorization": "Bearer sekret"}
-        msg = {"model": MODEL, "messages": [{"role": "user", "content": "Count from 1 to 100."}], "max_tokens": 300,
+        msg = {"model": MODEL, "messages": [{"role": "user", "content": "Count from 1 to 100."}], "max_tokens": 120,
                "temperature": 0}
         status, body = post(f"{url}/v1/chat/completions", msg)
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
@@ -218,6 +221,20 @@ def test_queue_overflow_and_api_key(default_model_path):
             assert first.result()[0] == 200 and second.result()[0] == 200
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="sekret", max_retries=0)
         assert c.chat.completions.create(model=MODEL, messages=msg["messages"], max_tokens=4).choices[0].message
+
+
+def test_requests_past_their_deadline_end_with_timeout(default_model_path):
+    from edgellm.server.engine import Engine, Request
+
+    with edgellm.load(default_model_path, n_ctx=512, disk_cache=False, sampler=edgellm.GREEDY) as session:
+        engine = Engine(session, parallel=1).start()
+        done = threading.Event()
+        events = []
+        req = Request(session.tokenize("Hello"), 8, edgellm.GREEDY, deadline=time.monotonic() - 1,
+                      emit=lambda kind, value: (events.append(kind), kind == "done" and done.set()))
+        engine.submit(req)
+        assert done.wait(30) and req.finish_reason == "timeout" and events == ["done"] and not req.out
+        engine.close()
 
 
 def _wait(url: str, cond, timeout: float = 30) -> None:
