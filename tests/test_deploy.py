@@ -32,8 +32,8 @@ def test_bundle_has_everything_a_board_needs(pi_bundle):
     root = pi_bundle.path
     files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
     model = pi_bundle.model.name
-    for name in ("install.sh", "uninstall.sh", "healthcheck.sh", "common.sh", "README.md", "manifest.json", "bundle.env",
-                 "SHA256SUMS", f"model/{model}", "state/system.kv", "systemd/edgellm.service"):
+    for name in ("install.sh", "uninstall.sh", "healthcheck.sh", "common.sh", "README.md", "manifest.json",
+                 "bundle.env", "SHA256SUMS", f"model/{model}", "state/system.kv", "systemd/edgellm.service"):
         assert name in files, name
     for script in ("install.sh", "uninstall.sh", "healthcheck.sh"):
         assert (root / script).stat().st_mode & 0o111

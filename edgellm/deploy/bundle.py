@@ -188,7 +188,8 @@ def _manifest(spec: BundleSpec, board, cross: crossbuild.CrossWheel, found: list
         "format": 1,
         "board": board.to_dict(),
         "spec": asdict(spec),
-        "model": {"file": model_path.name, "bytes": model_path.stat().st_size} if model_path and not spec.rpc_worker else None,
+        "model": ({"file": model_path.name, "bytes": model_path.stat().st_size}
+                  if model_path and not spec.rpc_worker else None),
         "runtime": {"llama_cpp_python": crossbuild.LLAMA_CPP_PYTHON_VERSION, "cpu": cross.cpu,
                     "cmake": [*crossbuild.CMAKE_OPTIONS, *board.llama_cpu_flags], "build_key": cross.key,
                     "toolchain": crossbuild.toolchain_version()},

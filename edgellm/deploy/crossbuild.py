@@ -224,7 +224,7 @@ def _assemble_wheel(src: Path, libs: list[Path], version: str, cpu_flags: tuple[
     shutil.copy2(src / "LICENSE.md", info / "LICENSE.md")
     (info / "WHEEL").write_text("Wheel-Version: 1.0\nGenerator: edgellm.deploy.crossbuild\n"
                                 f"Root-Is-Purelib: false\nTag: {WHEEL_TAG}\n")
-    # The build is recorded so `edgellm devices` on the board can say which CPU it was made for.
+    # The CMake flags travel with the libraries (what CPU they need, readable on the board).
     (pkg / "lib" / "EDGELLM_BUILD").write_text(" ".join([*CMAKE_OPTIONS, *cpu_flags]) + "\n")
     out.mkdir()
     r = subprocess.run([sys.executable, "-m", "wheel", "pack", str(tree), "-d", str(out)],

@@ -77,4 +77,4 @@ if systemd_running; then
 else
   say "systemd is not running here: start the service with its ExecStart line from $unit"
 fi
-say "done ($BUNDLE_ID)"
+say "done in ${SECONDS} s (bundle $BUNDLE_ID)"
