@@ -191,13 +191,13 @@ def check_disk(out: Path, n_params: int, quant: str, staged: bool) -> None:
 
 def calibration_tokens(gguf_path: Path, text: str | None, max_tokens: int) -> list[int]:
     """Calibration text (default: the shipped one) tokenized by llama.cpp's own tokenizer for the file."""
-    import edgellm
-
+    from edgellm.gguf_check import validate_gguf
+    from edgellm.runtimes.llamacpp import tokenize_file
     from edgellm.texts import calibration_text
 
     text = text if text is not None else calibration_text()
-    with edgellm.load(gguf_path, n_ctx=512, disk_cache=False) as tok:
-        tokens = tok.tokenize(text)[:max_tokens]
+    validate_gguf(gguf_path)     # llama.cpp opens only checked files
+    tokens = tokenize_file(gguf_path, text)[:max_tokens]
     if len(tokens) < 64:
         raise UsageError(f"the calibration text has only {len(tokens)} tokens; give at least a few hundred (--calib)")
     return tokens
