@@ -1,6 +1,7 @@
 """Quality of a converted model against a reference: perplexity, KL divergence, top-1 agreement.
 
-Both models run in llama.cpp over the same tokens, chunk by chunk; like llama.cpp's perplexity
+Both models run through edgellm's backends (llama.cpp for GGUF, onnxruntime for ONNX directories)
+over the same tokens, chunk by chunk; like llama.cpp's perplexity
 tool, only the second half of each chunk is scored so every scored token has at least ctx/2
 tokens of context. Logits never accumulate: each chunk is reduced to per-token figures at once.
 """
@@ -56,7 +57,7 @@ def compare_logits(ref: np.ndarray, cand: np.ndarray, targets: np.ndarray, rows:
 def evaluate(model: str | os.PathLike[str], reference: str | os.PathLike[str], text: str, *, ctx: int = 512,
              threads: int | None = None, max_chunks: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
-    """Score `model` against `reference` (both GGUF) on `text` (held out from calibration)."""
+    """Score `model` against `reference` (GGUF files or ONNX directories) on `text` (held out from calibration)."""
     import edgellm
     from edgellm.gguf_check import validate_gguf
 
@@ -87,10 +88,14 @@ def evaluate(model: str | os.PathLike[str], reference: str | os.PathLike[str], t
             if progress:
                 progress(c + 1, n_chunks)
     kld, agree, nll, ref_nll = (np.concatenate([p[i] for p in parts]) for i in range(4))
-    info = validate_gguf(model)
-    size = Path(model).stat().st_size
+    if Path(model).is_dir():  # an ONNX directory: scored through the same backend protocol
+        from edgellm.runtimes.onnx_backend import read_facts
+        size = sum(p.stat().st_size for p in Path(model).glob("model.onnx*"))
+        n_params = int(read_facts(Path(model)).get("n_params") or 0)
+    else:
+        size, n_params = Path(model).stat().st_size, validate_gguf(model).n_params
     return EvalResult(
         model=str(model), reference=str(reference), tokens_scored=int(kld.size),
         perplexity=float(np.exp(nll.mean())), ref_perplexity=float(np.exp(ref_nll.mean())),
         mean_kld=float(kld.mean()), p99_kld=float(np.percentile(kld, 99)), top1_agreement=float(agree.mean()),
-        size_bytes=size, bits_per_weight=8 * size / max(info.n_params, 1))
+        size_bytes=size, bits_per_weight=8 * size / max(n_params, 1))

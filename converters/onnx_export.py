@@ -13,6 +13,7 @@ benchmark (benchmarks/onnx_bench.py) compares against.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -26,17 +27,19 @@ from edgellm.errors import ConversionError, UsageError
 
 from .checkpoint import Checkpoint, gguf_tensor_names
 from .onnx_graph import WeightPlan, build_graph, fused_units, unit_weight
-from .onnx_quant import BitChoice, allocate_bits, bytes_of, quantize_blocks
+from .onnx_quant import BitChoice, allocate_bits, quantize_blocks
 
 FLAVOURS = ("fused", "portable")
 QUANTS = {"fused": ("int4", "int8", "f32"), "portable": ("int8", "f16", "f32")}
 DEFAULT_QUANT = {"fused": "int4", "portable": "f16"}
 CONFIG_FILE = "edgellm_onnx.json"
 # int4 size budget, bits per weight of the matrices: what 4-bit blocks of 32 with a float32 scale take
-# (onnxruntime-genai's int4). edgellm spends it on 4-bit blocks of 64 with zero points, plus 8-bit
-# blocks where the calibrated error says they matter most.
+# (onnxruntime-genai's int4). edgellm spends it on 4-bit blocks of 64 or 32 with zero points, and 8-bit
+# blocks, where the calibrated error says they matter most.
 INT4_BUDGET_BPW = 5.0
-BASE4, HIGH8 = BitChoice(4, 64), BitChoice(8, 64)
+LAYOUTS = (BitChoice(4, 64), BitChoice(4, 32), BitChoice(8, 64))   # the smallest first
+HIGH8 = LAYOUTS[2]
+SENSITIVITY = "fisher"
 Progress = Callable[[str, int, int], None]
 
 
@@ -51,6 +54,7 @@ class OnnxExport:
     nodes: int
     imatrix_tokens: int = 0
     bits: dict[str, int] = field(default_factory=dict)   # unit tag -> bits (fused, quantized)
+    sensitivity: str | None = None                       # what ranked the units: 'fisher' | 'imatrix'
 
     def to_dict(self) -> dict:
         return {**asdict(self), "bits_per_weight": round(8 * self.bytes / max(self.n_params, 1), 3)}
@@ -59,30 +63,43 @@ class OnnxExport:
 def export_onnx(ckpt: Checkpoint, dest: str | Path, *, flavour: str = "fused", quant: str = "auto",
                 calib_text: str | None = None, calib_tokens: int = 4096, imatrix: bool = True,
                 budget_bpw: float = INT4_BUDGET_BPW, weights: Callable[[str], np.ndarray] | None = None,
-                importance: dict[str, np.ndarray] | None = None, progress: Progress | None = None) -> OnnxExport:
+                sensitivity: str = SENSITIVITY, calibration: Calibration | None = None,
+                progress: Progress | None = None) -> OnnxExport:
     """Write `ckpt` as an ONNX directory at `dest` (graph flavour 'fused' or 'portable').
 
     `weights`: a converters.calibrate.weight_getter to share between exports of one checkpoint
-    (its float32 tensors are loaded once); `importance`: unit_importance's result, to reuse a calibration."""
+    (its float32 tensors are loaded once). int4: `sensitivity` 'fisher' (needs torch, the convert extra)
+    or 'imatrix' ranks the units for the bit allocation; `calibration` reuses a calibrate_units result."""
     from .calibrate import weight_getter
 
     t0 = time.perf_counter()
     flavour, quant = _check(flavour, quant)
     weight = weights or weight_getter(ckpt)
     plan = WeightPlan(portable_dtype=quant if flavour == "portable" else "f32")
-    n_tok = 0
-    if flavour == "fused" and quant != "f32":
-        units = fused_units(ckpt.config)
-        if importance is not None:
-            plan.importance = importance
-        elif imatrix and quant == "int4":
-            plan.importance, n_tok = unit_importance(ckpt, calib_text, calib_tokens, progress)
-        if quant == "int8":
-            plan.bits = {tag: HIGH8 for tag in units}
-        else:
-            plan.bits, plan.quantized = choose_bits(ckpt, weight, plan.importance, budget_bpw, progress)
+    calib = calibration
+    if flavour == "fused" and quant == "int4":
+        if sensitivity not in ("fisher", "imatrix"):
+            raise UsageError(f"sensitivity must be fisher or imatrix, not {sensitivity!r}")
+        if sensitivity == "fisher" and importlib.util.find_spec("torch") is None:
+            sensitivity = "imatrix"  # the Fisher pass needs torch (the convert extra); the imatrix does not
+        if calib is None and imatrix:
+            calib = calibrate_units(ckpt, calib_text, calib_tokens, fisher=sensitivity == "fisher", progress=progress)
+        plan.importance = calib.importance if calib else {}
+        plan.bits, plan.quantized = choose_bits(ckpt, weight, calib, budget_bpw, progress)
+    elif flavour == "fused" and quant == "int8":
+        plan.bits = {tag: HIGH8 for tag in fused_units(ckpt.config)}
+    n_tok = calib.n_tokens if calib else 0
     model = build_graph(ckpt.config, weight, flavour, plan, progress=_stage(progress, "graph"))
     dest = Path(dest)
+    write_onnx_dir(ckpt, model, dest, flavour, quant)
+    size = sum(p.stat().st_size for p in dest.glob("model.onnx*"))   # the model; the tokenizer comes on top
+    return OnnxExport(str(dest), flavour, quant, size, ckpt.tensors.n_params(), time.perf_counter() - t0,
+                      len(model.graph.node), n_tok, {t: b.bits for t, b in plan.bits.items()},
+                      ("fisher" if calib.fisher else "imatrix") if calib else None)
+
+
+def write_onnx_dir(ckpt: Checkpoint, model, dest: Path, flavour: str, quant: str) -> None:
+    """The graph, its weights, the tokenizer and edgellm_onnx.json, renamed into place when complete."""
     try:
         with atomic_path(dest, directory=True) as tmp:
             _save_model(model, tmp / "model.onnx")
@@ -92,9 +109,6 @@ def export_onnx(ckpt: Checkpoint, dest: str | Path, *, flavour: str = "fused", q
     except OSError as e:
         what = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
         raise ConversionError(f"could not write {dest}: {what}") from None
-    size = sum(p.stat().st_size for p in dest.glob("model.onnx*"))   # the model; the tokenizer comes on top
-    return OnnxExport(str(dest), flavour, quant, size, ckpt.tensors.n_params(), time.perf_counter() - t0,
-                      len(model.graph.node), n_tok, {t: b.bits for t, b in plan.bits.items()})
 
 
 def _check(flavour: str, quant: str) -> tuple[str, str]:
@@ -108,9 +122,19 @@ def _check(flavour: str, quant: str) -> tuple[str, str]:
     return flavour, quant
 
 
-def unit_importance(ckpt: Checkpoint, text: str | None, max_tokens: int, progress: Progress | None
-                    ) -> tuple[dict[str, np.ndarray], int]:
-    """The importance matrix (converters.calibrate) per fused unit; units stacking rows share an input."""
+@dataclass
+class Calibration:
+    """Per fused unit: the importance matrix (mean squared input per column; guides each block's
+    rounding) and, optionally, the diagonal Fisher information (converters.sensitivity: how much the
+    output distribution moves per weight; ranks the units for the bit allocation)."""
+
+    importance: dict[str, np.ndarray]
+    fisher: dict[str, np.ndarray] | None
+    n_tokens: int
+
+
+def calibrate_units(ckpt: Checkpoint, text: str | None, max_tokens: int, *, fisher: bool = True,
+                    progress: Progress | None = None) -> Calibration:
     from edgellm.texts import calibration_text
 
     from .calibrate import compute_imatrix
@@ -121,44 +145,53 @@ def unit_importance(ckpt: Checkpoint, text: str | None, max_tokens: int, progres
     im = compute_imatrix(ckpt, tokens, progress=_stage(progress, "calibrate"))
     to_gguf = gguf_tensor_names(ckpt.config)
     head = "token_embd.weight" if ckpt.config.tie_word_embeddings else "output.weight"
-    out = {}
-    for tag, names in fused_units(ckpt.config).items():
+    units = fused_units(ckpt.config)
+    importance = {}
+    for tag, names in units.items():
         key = head if tag == "lm_head" else to_gguf[names[0]]
         if key in im and tag != "model.embed_tokens":
-            out[tag] = im[key]
-    return out, len(tokens)
+            importance[tag] = im[key]
+    per_unit = None
+    if fisher:
+        from .sensitivity import fisher_diagonals
+
+        diag, _ = fisher_diagonals(ckpt, tokens, progress=_stage(progress, "sensitivity"))
+        per_unit = {tag: np.concatenate([diag[n] for n in names]) if len(names) > 1 else diag[names[0]]
+                    for tag, names in units.items()}
+    return Calibration(importance, per_unit, len(tokens))
 
 
-def choose_bits(ckpt: Checkpoint, weight: Callable[[str], np.ndarray], importance: dict[str, np.ndarray],
+def choose_bits(ckpt: Checkpoint, weight: Callable[[str], np.ndarray], calib: Calibration | None,
                 budget_bpw: float, progress: Progress | None = None):
-    """4-bit everywhere, then 8-bit for the units whose calibrated error drops most per extra byte,
-    within `budget_bpw` bits per weight; returns the choice and the blocks already quantized."""
+    """Each unit quantized in every layout of LAYOUTS; the allocator then picks a layout per unit within
+    `budget_bpw` bits per weight by the error each removes: ½ Σ F·δ² (the second-order rise of the KL
+    divergence) with a Fisher diagonal, else the importance-weighted Σ imp·δ². Returns the choice and
+    the chosen blocks."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
     units = fused_units(ckpt.config)
-    shapes = {}
-    quantized, gain = {}, {}
     report = _stage(progress, "quantize")
-    for i, (tag, names) in enumerate(units.items()):
-        w = unit_weight(weight, names)
-        shapes[tag] = w.shape
-        q4 = quantize_blocks(w, BASE4.bits, BASE4.block, importance.get(tag))
-        quantized[tag] = q4
-        # 8-bit leaves ~1/289 of the 4-bit error ((2^8-1)/(2^4-1))²: the gain is the rest
-        gain[tag] = q4.weighted_error * (1 - (15 / 255) ** 2)
-        if report:
-            report(i + 1, len(units) * 2)
-    gain.pop("model.embed_tokens", None)  # a lookup table: no matmul error to buy down
-    if "model.embed_tokens" in shapes:
-        gain["model.embed_tokens"] = 0.0
+    importance = calib.importance if calib else {}
+    fisher = calib.fisher if calib else None
+
+    def layouts_of(tag: str):
+        w = unit_weight(weight, units[tag])
+        layouts = LAYOUTS[:1] if tag == "model.embed_tokens" else LAYOUTS  # a lookup table: no matmul error
+        opts = {c: quantize_blocks(w, c.bits, c.block, importance.get(tag)) for c in layouts}
+        if fisher is None:
+            return w.shape, opts, {c: q.weighted_error for c, q in opts.items()}
+        return w.shape, opts, {c: 0.5 * float((fisher[tag] * (q.dequantize() - w) ** 2).sum()) for c, q in opts.items()}
+
+    shapes, options, errors = {}, {}, {}
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # numpy releases the GIL here
+        for i, (tag, (shape, opts, errs)) in enumerate(zip(units, pool.map(layouts_of, units))):
+            shapes[tag], options[tag], errors[tag] = shape, opts, errs
+            if report:
+                report(i + 1, len(units))
     budget = int(sum(n * k for n, k in shapes.values()) * budget_bpw / 8)
-    bits = allocate_bits(shapes, gain, budget, BASE4, HIGH8)
-    for i, (tag, choice) in enumerate(bits.items()):
-        if choice != BASE4:
-            quantized[tag] = quantize_blocks(unit_weight(weight, units[tag]), choice.bits, choice.block,
-                                             importance.get(tag))
-        if report:
-            report(len(units) + i + 1, len(units) * 2)
-    assert sum(bytes_of(n, k, bits[t]) for t, (n, k) in shapes.items()) <= budget or budget_bpw < 4.6
-    return bits, quantized
+    bits = allocate_bits(shapes, errors, budget)
+    return bits, {tag: options[tag][c] for tag, c in bits.items()}
 
 
 def _save_model(model, path: Path) -> None:

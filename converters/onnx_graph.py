@@ -38,6 +38,9 @@ class WeightPlan:
     Portable: one dtype for every matrix. Importance (imatrix per unit tag) guides block quantization."""
 
     portable_dtype: str = "f32"                        # 'f32' | 'f16' | 'int8' (portable flavour)
+    # the portable graph's decompositions with MatMulNBits matrices: the unfused twin of a fused int4
+    # graph, so benchmarks measure operator fusion at equal weights (not a flavour users get)
+    unfused_bits: BitChoice | None = None
     bits: dict[str, BitChoice] = field(default_factory=dict)
     importance: dict[str, np.ndarray] = field(default_factory=dict)
     accuracy_level: int = 4
@@ -143,7 +146,8 @@ def build_graph(config: ModelConfig, weight: Weights, flavour: str, plan: Weight
     emit.finish(h)
     ins, outs = _io(config)
     graph = helper.make_graph(g.nodes, f"edgellm-{config.architecture}-{flavour}", ins, outs, g.inits)
-    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS, 1)] if flavour == "fused" else [])
+    contrib = flavour == "fused" or plan.unfused_bits is not None
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS, 1)] if contrib else [])
     return helper.make_model(graph, opset_imports=opsets, producer_name="edgellm", ir_version=8)
 
 
@@ -293,7 +297,9 @@ class _Portable(_Common):
         self.mask = g.one("Where", [g.one("Greater", [cols, rows]), g.const("neg_inf", np.array(-1e30, np.float32)),
                                     g.const("zero_f", np.array(0.0, np.float32))])
         self.group = c.num_attention_heads // c.num_key_value_heads
-        self.embed = self.table("model.embed_tokens.weight", axis=0)
+        self._blocks: dict[str, tuple[QuantTensor, list[str]]] = {}
+        shared = self.plan.unfused_bits is not None and self.tied   # the embedding is lm_head's blocks then
+        self.embed = "" if shared else self.table("model.embed_tokens.weight", axis=0)
         h = self.embedding()
         self.residual = h
         return self.rmsnorm(h, "model.layers.0.input_layernorm.weight")
@@ -315,6 +321,11 @@ class _Portable(_Common):
 
     def embedding(self) -> str:
         g = self.g
+        if self.plan.unfused_bits is not None and self.tied:  # as the fused graph: lm_head's blocks
+            qt, (data, scales, zps) = self.blocks(self.head_weight())
+            rows = g.one("Reshape", [data, g.const("head_rows", np.array([qt.n, -1], np.int64))])
+            return g.one("GatherBlockQuantized", [rows, "input_ids", scales, zps], domain=MS, bits=qt.bits,
+                         block_size=qt.block, gather_axis=0, quantize_axis=1)
         if isinstance(self.embed, str):
             return g.one("Gather", [self.embed, "input_ids"], axis=0)
         q, scale = self.embed  # gather int8 rows and their scales, then scale: no full-table dequantize
@@ -330,8 +341,25 @@ class _Portable(_Common):
         return g.one("Mul", [g.one("Div", [x, rms]), g.const(weight_name, self.w(weight_name))])
 
     def linear(self, x: str, hf: str) -> str:
-        y = self.g.one("MatMul", [x, self.dequant(self.table(f"{hf}.weight", axis=1), axis=1)])
+        if self.plan.unfused_bits is not None:
+            y = self.nbits(x, f"{hf}.weight")
+        else:
+            y = self.g.one("MatMul", [x, self.dequant(self.table(f"{hf}.weight", axis=1), axis=1)])
         return self.bias(y, f"{hf}.bias")
+
+    def blocks(self, hf: str) -> tuple[QuantTensor, list[str]]:
+        """(blocks, initializer names) of a weight in the unfused twin; made once (a tied table is shared)."""
+        if hf not in self._blocks:
+            g, c = self.g, self.plan.unfused_bits
+            qt = quantize_blocks(self.w(hf), c.bits, c.block)
+            self._blocks[hf] = qt, [g.const(f"{hf}.q", qt.data), g.const(f"{hf}.scales", qt.scales),
+                                    g.const(f"{hf}.zp", qt.zero_points)]
+        return self._blocks[hf]
+
+    def nbits(self, x: str, hf: str, outputs: list[str] | None = None) -> str:
+        qt, names = self.blocks(hf)
+        return self.g.op("MatMulNBits", [x, *names], domain=MS, outputs=outputs, K=qt.k, N=qt.n, bits=qt.bits,
+                         block_size=qt.block, accuracy_level=self.plan.accuracy_level)[0]
 
     def heads(self, x: str, n: int) -> str:
         """[B,S,n*D] -> [B,n,S,D]"""
@@ -385,8 +413,8 @@ class _Portable(_Common):
     def finish(self, normed: str) -> None:
         g = self.g
         h = self.keep_last(normed)
-        if self.tied:
-            table = self.dequant(self.embed, axis=0)
-        else:
-            table = self.dequant(self.table("lm_head.weight", axis=0), axis=0)
-        _gemm_logits(g, h, table, self.c)
+        if self.plan.unfused_bits is not None:
+            self.nbits(h, self.head_weight(), outputs=["logits"])
+            return
+        table = self.embed if self.tied else self.table("lm_head.weight", axis=0)
+        _gemm_logits(g, h, self.dequant(table, axis=0), self.c)

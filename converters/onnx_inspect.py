@@ -76,12 +76,11 @@ def inspect_onnx(model_dir: str | Path) -> dict:
     by_kind: Counter[str] = Counter()
     for node in model.graph.node:
         if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
-            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+            attrs = {a.name: a.i for a in node.attribute}
+            kind = f"int{attrs.get('bits', 4)} blocks of {attrs.get('block_size')}"
             for name in node.input[1:4] if node.op_type == "MatMulNBits" else node.input[2:4]:
                 if name in inits:
-                    by_kind[f"int{bits} blocks"] += _tensor_bytes(inits.pop(name))
-            if node.op_type == "MatMulNBits" and node.input[1] in inits:
-                by_kind[f"int{bits} blocks"] += _tensor_bytes(inits.pop(node.input[1]))
+                    by_kind[kind] += _tensor_bytes(inits.pop(name))
     for t in inits.values():
         by_kind[onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name] += _tensor_bytes(t)
     flavour = "fused" if any(o.domain == "com.microsoft" for o in model.opset_import) else "portable"

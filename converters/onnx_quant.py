@@ -5,7 +5,7 @@ notion of which input columns matter. Here every block's scale and zero point ar
 minimise the *importance-weighted* error Σ_k imp_k (w_k − ŵ_k)², where imp is the importance matrix
 (mean squared input of each column, from converters.calibrate) — the llama.cpp imatrix idea applied
 to onnxruntime's layout. `allocate_bits` then spends a size budget on 8-bit blocks where they remove
-the most weighted error per byte.
+the most weighted error per byte (4-bit blocks of 64 or 32, or 8-bit blocks).
 
 Layouts (onnxruntime contrib op MatMulNBits): B uint8 [N, n_blocks, block·bits/8] (4-bit: low nibble
 first), scales float32 [N, n_blocks], zero points uint8 [N, ⌈n_blocks·bits/8⌉] (4-bit packed the same
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# candidate shrink factors of the block range (1.0 = plain min/max); the least weighted error wins
-_SHRINK = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.78, 0.74, 0.70)
+# candidate shrink factors of the block range (1.0 = plain min/max); the least weighted error wins.
+# 8-bit steps are fine enough that clipping outliers rarely pays: two candidates keep that layout cheap.
+_SHRINK = {4: (1.0, 0.95, 0.9, 0.85, 0.8, 0.75), 8: (1.0, 0.97)}
 
 
 @dataclass
@@ -91,7 +92,7 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int, importance: np.ndarray
         lo, hi = np.minimum(x.min(-1), 0.0), np.maximum(x.max(-1), 0.0)
         best_err = np.full(lo.shape, np.inf, np.float32)
         best_s, best_z = np.ones_like(lo), np.zeros_like(lo)
-        for shrink in _SHRINK:
+        for shrink in _SHRINK.get(bits, _SHRINK[4]):
             s = np.maximum((hi - lo) * shrink / qmax, 1e-12)
             z = np.clip(np.round(-lo * shrink / s), 0, qmax)
             q = np.clip(np.round(x / s[..., None]) + z[..., None], 0, qmax)
@@ -134,18 +135,28 @@ def bytes_of(n: int, k: int, choice: BitChoice) -> int:
     return n * nb * (choice.block * choice.bits // 8 + 4) + n * -(-nb * choice.bits // 8)
 
 
-def allocate_bits(shapes: Mapping[str, tuple[int, int]], gain: Mapping[str, float], budget_bytes: int,
-                  base: BitChoice, high: BitChoice) -> dict[str, BitChoice]:
-    """Every tensor at `base`, then upgrade to `high` in order of weighted-error removed per extra byte,
-    while the total stays within `budget_bytes` (a greedy knapsack; sizes are exact)."""
-    choice = {name: base for name in shapes}
-    used = sum(bytes_of(n, k, base) for n, k in shapes.values())
-    extra = {name: bytes_of(n, k, high) - bytes_of(n, k, base) for name, (n, k) in shapes.items()}
-    for name in sorted(shapes, key=lambda t: -gain[t] / max(extra[t], 1)):
-        if gain[name] > 0 and used + extra[name] <= budget_bytes:
-            choice[name] = high
-            used += extra[name]
-    return choice
+def allocate_bits(shapes: Mapping[str, tuple[int, int]], errors: Mapping[str, Mapping[BitChoice, float]],
+                  budget_bytes: int) -> dict[str, BitChoice]:
+    """Every tensor at its smallest layout, then step by step the upgrade (to any larger layout of any
+    tensor) that removes the most weighted error per extra byte, while the total fits `budget_bytes`.
+    A greedy multiple-choice knapsack; sizes are exact (bytes_of)."""
+    size = {t: {c: bytes_of(*shapes[t], c) for c in errors[t]} for t in shapes}
+    choice = {t: min(errors[t], key=lambda c: size[t][c]) for t in shapes}
+    used = sum(size[t][choice[t]] for t in shapes)
+    while True:
+        best, best_rate = None, 0.0
+        for t in shapes:
+            cur = choice[t]
+            for c, err in errors[t].items():
+                extra = size[t][c] - size[t][cur]
+                gain = errors[t][cur] - err
+                if extra > 0 and gain > 0 and used + extra <= budget_bytes and gain / extra > best_rate:
+                    best, best_rate = (t, c), gain / extra
+        if best is None:
+            return choice
+        t, c = best
+        used += size[t][c] - size[t][choice[t]]
+        choice[t] = c
 
 
 Progress = Callable[[int, int], None]

@@ -108,6 +108,7 @@ class SpeedBench:
         self.model_path = Path(self.session.model_path)
         self.threads = self.session.plan.threads
         be = self.session.backend
+        self.anchor = self.anchor and be.name == "llama.cpp"  # raw llama-cpp-python runs GGUF files only
         self._bos = be.special_token("bos") if be.add_bos() else None
         self._first = self._bos if self._bos is not None else 1
         self.prompt = random_tokens(be.n_vocab, self.n_prompt, self._bos)
@@ -380,6 +381,9 @@ def bytes_per_token(model_path: Path, kv_tokens: int = 0, kv_type: str = "f16") 
     from .gguf_check import validate_gguf
     from .runtime import kv_cache_bytes
 
+    if Path(model_path).is_dir():  # an ONNX directory
+        from .runtime_onnx import onnx_bytes_per_token
+        return onnx_bytes_per_token(Path(model_path), kv_tokens)
     info = validate_gguf(model_path)
     sizes = {t.name: t.n_bytes for t in info.tensors}
     weights = sum(sizes.values())
@@ -429,6 +433,7 @@ def run_bench(model: str | os.PathLike[str] | None = None, *, threads: int | Non
         for r in range(repetitions):
             sb.round(r, step)
         speed, model_path, threads, plan = sb.summary(), sb.model_path, sb.threads, sb.session.plan
+        anchor = sb.anchor
     rss_total = peak_rss_mb()
     step("memory bandwidth")
     ceiling = decode_ceiling(model_path, threads, n_gen)

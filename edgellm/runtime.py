@@ -52,6 +52,11 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
     from .runtimes.llamacpp import LlamaCppBackend, LlamaOptions
 
     ref = store.resolve(model)
+    if ref.kind == "onnx":
+        from .runtime_onnx import load_onnx
+        return load_onnx(ref.path, device=device, n_ctx=n_ctx, threads=threads, check_memory=check_memory,
+                         session_kw=dict(disk_cache=disk_cache, memory_cache_mb=memory_cache_mb,
+                                         prompt_state=prompt_state, sampler=sampler))
     if ref.kind != "gguf":
         raise UnsupportedModelError(
             f"{ref.path} is a {ref.kind} model; the runtime loads GGUF files — convert it first "
@@ -85,12 +90,19 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
         f"{model_fingerprint(ref.path, info)}|{_llama_version()}|{kv_type}|{flash_attn}|{plan.device}".encode()
     ).hexdigest()
     backend = LlamaCppBackend(ref.path, options, device=plan.device, fingerprint=fingerprint)
+    return open_session(backend, ref.path, plan, disk_cache=disk_cache, memory_cache_mb=memory_cache_mb,
+                        prompt_state=prompt_state, sampler=sampler)
+
+
+def open_session(backend, path: Path, plan, *, disk_cache: bool | str | os.PathLike[str] = True,
+                 memory_cache_mb: int = 512, prompt_state: str | os.PathLike[str] | None = None,
+                 sampler: SamplerConfig | None = None) -> Session:
+    """A Session over any backend, with the in-memory and disk KV caches and an optional shipped state."""
     disk = None
     if disk_cache:
         root = store.home() / "kv" if disk_cache is True else Path(disk_cache)
-        disk = DiskCache(root, fingerprint)
-    template = backend.metadata("tokenizer.chat_template")
-    session = Session(backend, ref.path, plan=plan, template=template,
+        disk = DiskCache(root, backend.fingerprint)
+    session = Session(backend, path, plan=plan, template=backend.metadata("tokenizer.chat_template"),
                       memory_cache=PrefixCache(memory_cache_mb << 20), disk_cache=disk,
                       default_sampler=sampler or SamplerConfig())
     if prompt_state is not None:

@@ -282,25 +282,28 @@ class OnnxBackend:
             new[:, :, :self._n_past] = old[:, :, :self._n_past]
         self._arrays = grown
         self._kv = [self._ov.ortvalue_from_numpy(a) for a in grown]  # views: onnxruntime writes into the arrays
+        self._io = self.session.io_binding()  # the KV bindings stay; each step rebinds only the small inputs
+        for past, present, value in zip(self._past, self._present, self._kv):
+            self._io.bind_ortvalue_input(past, value)
+            self._io.bind_ortvalue_output(present, value)
 
     def _run(self, tokens: Sequence[int], keep: int) -> np.ndarray:
         """Evaluate one chunk on top of the KV cache; returns the last `keep` logits rows."""
         total = self._n_past + len(tokens)
-        io = self.session.io_binding()
+        if self._shared:
+            self._reserve(total)
+            io = self._io
+        else:
+            io = self.session.io_binding()
+            for name, value in zip(self._past, self._kv):
+                io.bind_ortvalue_input(name, value)
+            for name in self._present:
+                io.bind_output(name, "cpu")
         io.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
         if "attention_mask" in self._inputs:
             io.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
         if "num_logits_to_keep" in self._inputs:
             io.bind_cpu_input("num_logits_to_keep", np.array([keep], np.int64))
-        if self._shared:
-            self._reserve(total)
-        for name, value in zip(self._past, self._kv):
-            io.bind_ortvalue_input(name, value)
-        for name, value in zip(self._present, self._kv):
-            if self._shared:
-                io.bind_ortvalue_output(name, value)
-            else:
-                io.bind_output(name, "cpu")
         io.bind_output("logits", "cpu")
         try:
             self.session.run_with_iobinding(io)

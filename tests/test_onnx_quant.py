@@ -62,10 +62,16 @@ def test_importance_weighting_lowers_the_error_where_it_counts():
 
 def test_allocator_spends_the_budget_on_the_largest_gain_per_byte():
     shapes = {"a": (64, 64), "b": (64, 64), "c": (128, 64)}
-    base, high = BitChoice(4, 64), BitChoice(8, 64)
-    budget = sum(bytes_of(n, k, base) for n, k in shapes.values()) + bytes_of(64, 64, high) - bytes_of(64, 64, base)
-    choice = allocate_bits(shapes, {"a": 1.0, "b": 5.0, "c": 6.0}, budget, base, high)
-    assert choice == {"a": base, "b": high, "c": base}  # c gains more but per byte less, and does not fit
+    small, mid, high = BitChoice(4, 64), BitChoice(4, 32), BitChoice(8, 64)
+    errors = {"a": {small: 2.0, mid: 1.9, high: 1.0}, "b": {small: 6.0, mid: 5.0, high: 1.0},
+              "c": {small: 7.0, mid: 6.9, high: 1.0}}
+    base = sum(bytes_of(n, k, small) for n, k in shapes.values())
+    budget = base + bytes_of(64, 64, high) - bytes_of(64, 64, small)
+    choice = allocate_bits(shapes, errors, budget)
+    assert choice == {"a": small, "b": high, "c": small}  # c gains more but per byte less, and does not fit
+    assert allocate_bits(shapes, errors, base) == {t: small for t in shapes}
+    roomy = allocate_bits(shapes, errors, 10 * base)
+    assert roomy == {t: high for t in shapes}
 
 
 def test_sampler_follows_its_settings():
@@ -79,3 +85,38 @@ def test_sampler_follows_its_settings():
     assert {s.sample(logits) for _ in range(50)} == {1, 2}
     pen = NumpySampler(SamplerConfig(temperature=0, repeat_penalty=2.0), history=[1])
     assert pen.sample(logits) == 2  # token 1 penalised below token 2
+
+
+@pytest.mark.parametrize("arch,tied,bias", [("llama", True, False), ("qwen2", False, True), ("llama", False, True)])
+def test_graphs_match_the_reference_forward_on_toy_models(arch, tied, bias):
+    """Both flavours at float32 against converters.reference on random Llama/Qwen2-shaped weights
+    (untied heads, q/k/v and o biases), prompt then incremental decode through past/present."""
+    import onnxruntime as ort
+
+    from edgellm.converters.calibrate import dims_of
+    from edgellm.converters.checkpoint import ModelConfig, hf_tensor_shapes
+    from edgellm.converters.onnx_graph import WeightPlan, build_graph
+    from edgellm.converters.reference import forward
+
+    c = ModelConfig(architecture=arch, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=6, num_key_value_heads=2, head_dim=16, vocab_size=80,
+                    max_position_embeddings=64, rope_theta=10000.0, tie_word_embeddings=tied, attention_bias=bias)
+    rng = np.random.default_rng(1)
+    w = {n: (rng.normal(size=s) * (1.0 if "norm" in n else 0.2)).astype(np.float32)
+         for n, s in hf_tensor_shapes(c).items()}
+    tokens = [3, 17, 42, 8, 77, 5, 61]
+    want = forward(dims_of(c), w.get, tokens)
+    for flavour in ("fused", "portable"):
+        model = build_graph(c, w.get, flavour, WeightPlan())
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        past = {f"past_key_values.{i}.{k}": np.zeros((1, 2, 0, 16), np.float32) for i in range(2) for k in ("key", "value")}
+        rows = []
+        for ids in (tokens[:4], tokens[4:5], tokens[5:]):
+            n = sum(len(r) for r in rows) + len(ids)
+            outs = sess.run(None, {"input_ids": np.array([ids]), "attention_mask": np.ones((1, n), np.int64),
+                                   "num_logits_to_keep": np.array([len(ids)]), **past})
+            names = [o.name for o in sess.get_outputs()]
+            got = dict(zip(names, outs))
+            rows.append(got["logits"][0])
+            past = {k: got[k.replace("past_key_values", "present")] for k in past}
+        assert np.abs(np.concatenate(rows) - want).max() < 1e-4, flavour

@@ -13,8 +13,9 @@ from .output import emit_json, human_bytes, out
 @click.option("--json", "as_json", is_flag=True, help="Print profile, llama.cpp build and plan as JSON.")
 def command(model: str | None, n_ctx: int, as_json: bool) -> None:
     """Show the device profile (OS, CPU, SIMD features, performance/efficiency cores, RAM, GPU/NPU,
-    board), what the installed llama.cpp was built with, and which backend and thread count edgellm
-    would choose for a model — with the reasons.
+    board), what the installed llama.cpp was built with, onnxruntime's execution providers, and which
+    backend and thread count edgellm would choose for a model — with the reasons (for an ONNX model
+    the provider that really runs, fallback included).
 
     \b
     Example:
@@ -30,8 +31,13 @@ def command(model: str | None, n_ctx: int, as_json: bool) -> None:
     build = llama_build_info()
     artifact, name, kv = _artifact(model, n_ctx, store)
     plan = choose(profile, artifact, n_ctx=n_ctx, env=os.environ, kv_bytes=kv)
+    ort = onnxruntime_info()
+    if artifact.format == "onnx":  # what onnxruntime really has, not what the plan hoped for
+        from ..runtime_onnx import apply_providers
+        plan = apply_providers(plan, "auto", [f"{p}ExecutionProvider" for p in ort.get("providers", [])])[0]
     if as_json:
-        emit_json({"device": profile.to_dict(), "llama_cpp": build, "model": name, "plan": plan.to_dict()})
+        emit_json({"device": profile.to_dict(), "llama_cpp": build, "onnxruntime": ort, "model": name,
+                   "plan": plan.to_dict()})
         return
     p = profile
     rows = [
@@ -44,6 +50,8 @@ def command(model: str | None, n_ctx: int, as_json: bool) -> None:
         ("NNAPI", f"yes (Android API {p.android_sdk})" if p.nnapi else "no"),
         ("Board", p.board or "-"),
         ("llama.cpp", _build_line(build)),
+        ("onnxruntime", f"{ort['version']}: {', '.join(ort['providers'])}" if ort.get("available")
+         else f"not installed ({ort.get('reason')})"),
     ]
     for k, v in rows:
         out.print(f"[bold]{k:<10}[/bold] {v}")
@@ -62,6 +70,10 @@ def _artifact(model, n_ctx, store):
         known = store.KNOWN_MODELS[store.DEFAULT_ALIAS]
         return Artifact("gguf", known.size, "Q4_1"), f"{known.alias} (not pulled yet)", 0
     ref = store.resolve(model, pull_missing=False)
+    if ref.kind == "onnx":
+        from ..runtime_onnx import kv_bytes, onnx_artifact
+        artifact, facts = onnx_artifact(ref.path)
+        return artifact, str(ref.path), kv_bytes(facts, n_ctx)
     if ref.kind != "gguf":
         size = sum(f.stat().st_size for f in ref.path.rglob("*") if f.is_file())
         return Artifact({"hf": "gguf"}.get(ref.kind, ref.kind), size), str(ref.path), 0
@@ -71,6 +83,16 @@ def _artifact(model, n_ctx, store):
     info = validate_gguf(ref.path)
     return Artifact("gguf", ref.path.stat().st_size, info.file_type_name), ref.alias or str(ref.path), \
         kv_cache_bytes(info, n_ctx)
+
+
+def onnxruntime_info() -> dict:
+    """The installed onnxruntime and its execution providers (what can really run, not what was hoped)."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        return {"available": False, "reason": str(e)}
+    return {"available": True, "version": onnxruntime.__version__,
+            "providers": [p.removesuffix("ExecutionProvider") for p in onnxruntime.get_available_providers()]}
 
 
 def _build_line(build: dict) -> str:

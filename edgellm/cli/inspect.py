@@ -15,18 +15,23 @@ LONG_KEYS = ("tokenizer.chat_template",)
 def command(model: str, show_tensors: bool, as_json: bool) -> None:
     """Validate a GGUF file's structure (before any native code opens it) and show its metadata,
     tensor types with bytes per type, parameter count and the verdict. Exits 4 when the file is
-    invalid, 5 when it is valid but unsupported.
+    invalid, 5 when it is valid but unsupported. For an ONNX directory: op histogram, node counts of
+    the fused and the unfused (standard-op) graph of the same model, and weight bytes by kind.
 
     \b
     Examples:
       edgellm inspect smollm2-135m
       edgellm inspect model.gguf --json
+      edgellm inspect smollm2-onnx/
     """
     from .. import store
     from ..errors import EdgeLLMError
     from ..gguf_check import validate_gguf
 
     ref = store.resolve(model, pull_missing=True)
+    if ref.kind == "onnx":
+        from .onnx_inspect import show_onnx
+        return show_onnx(ref.path, as_json)
     if ref.kind != "gguf":
         raise EdgeLLMError(f"{ref.path} is a {ref.kind} model; inspect reads GGUF files")
     try:

@@ -1,0 +1,231 @@
+"""ONNX export and runtime against its anchors, in one run: parity with llama.cpp F32, operator fusion
+(nodes and decode speed, fused vs the unfused graph: the portable decompositions with the same 4-bit
+MatMulNBits matrices; F32 is reported too but is bound by memory bandwidth, not by operators), and edgellm's calibrated int4 against
+onnxruntime-genai's own model builder (`-p int4 -e cpu`) and llama.cpp Q4_0 — decode tok/s with the
+same threads, interleaved round by round, size, and KL divergence to the F32 model on held-out text.
+Prints JSON with a pass/fail per target.
+
+    pip install onnxruntime-genai          # the anchor (and torch + transformers, which its builder needs)
+    python benchmarks/onnx_bench.py --threads 2 --rounds 3 --out /tmp/onnx_bench.json
+
+Artifacts are built once under --work (default benchmarks/out/onnx) and reused; --fresh rebuilds them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROMPT = "The three most important things to know about growing tomatoes are"
+TARGETS = (  # key, description, "min"/"max", bound
+    ("parity_cosine_min", "F32 ONNX vs llama.cpp F32 logits, worst cosine", "min", 0.9999),
+    ("greedy64_identical", "greedy 64 tokens identical to llama.cpp F32 (both flavours)", "min", 1),
+    ("fused_node_ratio", "unfused / fused node count", "min", 3.0),
+    ("fused_decode_vs_unfused", "fused / unfused decode tok/s (same 4-bit blocks)", "min", 1.3),
+    ("int4_decode_vs_builder", "edgellm int4 / builder int4 (in onnxruntime-genai) decode tok/s", "min", 1.0),
+    ("int4_kld_vs_builder", "edgellm int4 KLD / builder int4 KLD", "max", 0.75),
+    ("int4_size_vs_builder", "edgellm int4 size / builder int4 size", "max", 1.0),
+)
+
+
+def _log(msg: str) -> None:
+    print(f"[onnx_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def model_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("model.onnx*"))
+
+
+def prepare(work: Path, threads: int, fresh: bool) -> dict[str, Path]:
+    """Every artifact of the comparison, built from the embedded model (reused when present)."""
+    from edgellm import store
+    from edgellm.converters.calibrate import weight_getter
+    from edgellm.converters.gguf_source import read_gguf
+    from edgellm.converters.onnx_export import export_onnx, write_onnx_dir
+    from edgellm.converters.onnx_graph import WeightPlan, build_graph, fused_units
+    from edgellm.converters.onnx_quant import BitChoice
+    from edgellm.converters.pipeline import convert
+
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    src = store.pull(quiet=True)
+    p = {"f32_gguf": work / "f32.gguf", "q4_0": work / "q4_0.gguf", "hf": work / "hf",
+         "builder": work / "builder-int4", "fused_f32": work / "fused-f32", "portable_f32": work / "portable-f32",
+         "int4": work / "edgellm-int4"}
+    if not p["f32_gguf"].exists():
+        _log("F32 GGUF"), convert(src, p["f32_gguf"], quant="F32")
+    if not p["q4_0"].exists():  # llama.cpp's own Q4_0, as llama-quantize makes it (no importance matrix)
+        _log("llama.cpp Q4_0"), convert(src, p["q4_0"], quant="Q4_0", imatrix=False)
+    if not p["builder"].exists():
+        if not p["hf"].exists():
+            _log("HF directory for the builder"), convert(src, p["hf"], to="hf")
+        _log("onnxruntime-genai model builder, -p int4 -e cpu")
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(p["hf"]), "-o",
+                        str(p["builder"]), "-p", "int4", "-e", "cpu", "-c", str(work / "hf-cache")],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    genai = p["builder"] / "genai_config.json"
+    cfg = json.loads(genai.read_text())
+    cfg["model"]["decoder"]["session_options"].update(intra_op_num_threads=threads, inter_op_num_threads=1)
+    genai.write_text(json.dumps(cfg, indent=2))
+    ckpt, weights = None, None
+    for key, flavour, quant in (("fused_f32", "fused", "f32"), ("portable_f32", "portable", "f32"),
+                                ("int4", "fused", "int4"), ("fused_q4", "fused", "q4"), ("unfused_q4", "unfused", "q4")):
+        p[key] = p.get(key) or work / key.replace("_", "-")
+        if not p[key].exists():
+            if ckpt is None:
+                ckpt = read_gguf(src)
+                weights = weight_getter(ckpt)
+            _log(f"edgellm export {flavour} {quant}")
+            if quant == "q4":  # the fusion pair: the same plain 4-bit blocks, fused ops vs their decompositions
+                plan = (WeightPlan(bits={t: BitChoice(4, 64) for t in fused_units(ckpt.config)}) if flavour == "fused"
+                        else WeightPlan(unfused_bits=BitChoice(4, 64)))
+                graph = build_graph(ckpt.config, weights, "fused" if flavour == "fused" else "portable", plan)
+                write_onnx_dir(ckpt, graph, p[key], flavour, "int4-uniform")
+            else:
+                export_onnx(ckpt, p[key], flavour=flavour, quant=quant, weights=weights)
+    return p
+
+
+def parity(p: dict[str, Path], threads: int) -> dict[str, Any]:
+    import edgellm
+
+    out: dict[str, Any] = {}
+    kw = dict(n_ctx=1024, disk_cache=False, sampler=edgellm.GREEDY, threads=threads)
+    with edgellm.load(p["f32_gguf"], **kw) as ref:
+        tokens = ref.tokenize(PROMPT)
+        want_logits = ref.backend.eval_all_logits(tokens)
+        want = ref.generate(PROMPT, max_tokens=64).tokens
+        for key in ("fused_f32", "portable_f32"):
+            with edgellm.load(p[key], **kw) as s:
+                got = s.backend.eval_all_logits(tokens)
+                cos = (got * want_logits).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want_logits, axis=-1)
+                s.backend.truncate(0)
+                s.tokens.clear()
+                gen = s.generate(PROMPT, max_tokens=64).tokens
+            out[key] = {"cosine_min": float(cos.min()), "max_abs_diff": float(np.abs(got - want_logits).max()),
+                        "greedy64_identical": gen == want, "tokens_compared": len(want)}
+    return out
+
+
+def nodes(p: dict[str, Path]) -> dict[str, Any]:
+    from edgellm.converters.onnx_inspect import inspect_onnx
+
+    out = {}
+    for key in ("fused_f32", "portable_f32", "fused_q4", "unfused_q4", "int4", "builder"):
+        info = inspect_onnx(p[key])
+        out[key] = {"nodes": info["nodes"], "ops": info["ops"], "weight_bytes": info["weight_bytes"]}
+    return out
+
+
+class _GenaiDecoder:
+    """onnxruntime-genai's own generator loop (the builder's intended runtime), greedy after a 1-token prompt."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime_genai as og
+
+        self.og, self.model = og, og.Model(str(path))
+
+    def edgellm_tg(self, n: int) -> float:  # named like SpeedBench's, so both decoders are called alike
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=n + 2, do_sample=False)
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens([1])
+        t0 = time.perf_counter()
+        for _ in range(n):
+            gen.generate_next_token()
+        return n / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        del self.model
+
+
+def speed(p: dict[str, Path], threads: int, rounds: int, n_gen: int) -> dict[str, Any]:
+    """Decode tok/s, every runner once per round, the order reversed every other round; paired ratios."""
+    from edgellm.bench import SpeedBench, paired_ratio
+
+    runners = {"fused_f32": p["fused_f32"], "portable_f32": p["portable_f32"], "fused_q4": p["fused_q4"],
+               "unfused_q4": p["unfused_q4"], "int4": p["int4"],
+               "builder_in_edgellm": p["builder"], "builder_in_genai": None, "llama_q4_0": p["q4_0"]}
+    decoders = {k: _GenaiDecoder(p["builder"]) if path is None else
+                SpeedBench(path, threads, n_prompt=32, n_gen=n_gen, anchor=False) for k, path in runners.items()}
+    reps: dict[str, list[float]] = {k: [] for k in decoders}
+    try:
+        decoders["builder_in_genai"].edgellm_tg(8)  # warm-up (SpeedBench warms itself up)
+        for r in range(rounds):
+            _log(f"decode round {r + 1}/{rounds}")
+            for k in list(decoders) if r % 2 == 0 else list(decoders)[::-1]:
+                reps[k].append(decoders[k].edgellm_tg(n_gen))
+    finally:
+        for d in decoders.values():
+            d.close()
+    return {"tps": {k: statistics.median(v) for k, v in reps.items()}, "reps": reps,
+            "ratios": {"fused_vs_unfused_q4": paired_ratio(reps["fused_q4"], reps["unfused_q4"]),
+                       "fused_vs_unfused_f32": paired_ratio(reps["fused_f32"], reps["portable_f32"]),
+                       "int4_vs_builder_in_genai": paired_ratio(reps["int4"], reps["builder_in_genai"]),
+                       "int4_vs_builder_same_loop": paired_ratio(reps["int4"], reps["builder_in_edgellm"]),
+                       "int4_vs_llama_q4_0": paired_ratio(reps["int4"], reps["llama_q4_0"])}}
+
+
+def quality(p: dict[str, Path], threads: int, chunks: int) -> dict[str, Any]:
+    from edgellm.converters.evaluate import evaluate
+    from edgellm.texts import heldout_text
+
+    out = {}
+    for key in ("int4", "builder", "q4_0"):
+        _log(f"KLD of {key} to F32 on held-out text")
+        r = evaluate(p[key], p["f32_gguf"], heldout_text(), ctx=512, threads=threads, max_chunks=chunks)
+        out[key] = {"mean_kld": r.mean_kld, "p99_kld": r.p99_kld, "top1": r.top1_agreement, "ppl": r.perplexity,
+                    "ref_ppl": r.ref_perplexity, "tokens_scored": r.tokens_scored, "bytes": model_bytes(p[key])}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gen", type=int, default=128, help="decode tokens per rep")
+    ap.add_argument("--chunks", type=int, default=8, help="512-token held-out chunks for KLD")
+    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "out" / "onnx")
+    ap.add_argument("--fresh", action="store_true", help="rebuild every artifact")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    p = prepare(args.work, args.threads, args.fresh)
+    _log("parity"), (par := parity(p, args.threads))
+    nod = nodes(p)
+    spd = speed(p, args.threads, args.rounds, args.gen)
+    qual = quality(p, args.threads, args.chunks)
+    figures = {
+        "parity_cosine_min": min(v["cosine_min"] for v in par.values()),
+        "greedy64_identical": int(all(v["greedy64_identical"] for v in par.values())),
+        "fused_node_ratio": nod["unfused_q4"]["nodes"] / nod["fused_q4"]["nodes"],
+        "fused_decode_vs_unfused": spd["ratios"]["fused_vs_unfused_q4"],
+        "int4_decode_vs_builder": spd["ratios"]["int4_vs_builder_in_genai"],
+        "int4_kld_vs_builder": qual["int4"]["mean_kld"] / qual["builder"]["mean_kld"],
+        "int4_size_vs_builder": qual["int4"]["bytes"] / qual["builder"]["bytes"],
+    }
+    targets = {k: {"what": what, "value": figures[k], "bound": f"{'≥' if how == 'min' else '≤'} {bound}",
+                   "met": figures[k] >= bound if how == "min" else figures[k] <= bound}
+               for k, what, how, bound in TARGETS}
+    import onnxruntime
+    result = {"threads": args.threads, "rounds": args.rounds, "n_gen": args.gen, "kld_chunks": args.chunks,
+              "onnxruntime": onnxruntime.__version__, "parity": par, "nodes": nod, "speed": spd, "quality": qual,
+              "targets": targets}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0 if all(t["met"] for t in targets.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    raise SystemExit(main())
