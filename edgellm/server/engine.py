@@ -22,6 +22,7 @@ All llama.cpp calls happen on the engine thread; the HTTP side talks to it throu
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -93,6 +94,8 @@ class Engine:
     def __init__(self, session: Session, *, parallel: int = 4, max_queue: int = 16, step_tokens: int = 512,
                  batch: bool = False) -> None:
         be = session.backend
+        if not hasattr(be, "decode_batch"):
+            raise BackendError(f"edgellm serve needs the llama.cpp backend (a GGUF model); this model runs on {be.name}")
         n_seq = getattr(getattr(be, "options", None), "n_seq", 1)
         if parallel > n_seq:
             raise BackendError(f"the backend holds {n_seq} sequences; load with parallel={parallel}")
@@ -196,7 +199,16 @@ class Engine:
                 return
             with self._cv:
                 self.queue.popleft()
-            self._assign(req, idle)
+            try:
+                self._assign(req, idle)
+            except Exception as e:  # noqa: BLE001 - fail this request, keep serving
+                for slot in idle:  # whichever slot it touched may hold a partial state: forget them all
+                    slot.req, slot.sampler, slot.text, slot.pending, slot.next_token = None, None, None, [], None
+                    with contextlib.suppress(EdgeLLMError):
+                        self.backend.seq_remove(slot.seq)
+                    slot.tokens = []
+                req.finish_reason, req.t_done = "error", time.monotonic()
+                req.emit("error", e if isinstance(e, EdgeLLMError) else BackendError(f"inference failed: {e}"))
 
     def _evict(self, slot: Slot) -> None:
         if len(slot.tokens) >= STASH_MIN_TOKENS:
@@ -309,10 +321,8 @@ class Engine:
             if slot.req is None:
                 continue
             self._finish(slot, "error", err)
-            try:
+            with contextlib.suppress(EdgeLLMError):
                 self.backend.seq_remove(slot.seq)
-            except EdgeLLMError:
-                pass
             slot.tokens = []
 
 
