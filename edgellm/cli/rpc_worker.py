@@ -24,5 +24,5 @@ def command(host: str, port: int, threads: int | None, cache_dir: str | None) ->
     """
     from ..rpc import serve_worker
 
-    click.echo(f"edgellm rpc-worker: listening on {host}:{port} (Ctrl-C to stop)", err=True)
+    click.echo(f"edgellm rpc-worker: starting on {host}:{port} (Ctrl-C to stop)", err=True)
     serve_worker(host, port, threads, cache_dir)
