@@ -129,8 +129,11 @@ def run_reference(name: str, ref: Path, workdir: Path, types: list[str], ctx: in
                                          cache=workdir / f"{ref.stem}-options-{calib_tokens}-{sens_tokens}.json",
                                          progress=progress)
     anchors = [r for q, _ in ANCHORS for r in rows if r["quant"] == q and r["variant"] == "llama.cpp"]
-    for row in mixed_rows(ref, [a["bytes"] for a in anchors], options, overhead, n, imatrix, ctx=ctx,
-                          max_chunks=chunks, workdir=work, threads=threads):
+    sizes = [a["bytes"] for a in anchors]
+    extra = mixed_rows(ref, sizes, options, overhead, n, imatrix, ctx=ctx, max_chunks=chunks, workdir=work,
+                       threads=threads, without=exclude) if exclude else []
+    for row in mixed_rows(ref, sizes, options, overhead, n, imatrix, ctx=ctx, max_chunks=chunks, workdir=work,
+                          threads=threads) + extra:
         rows.append(row)
         _log(f"{name}: mixed at {row['target_bytes'] / 1e6:.1f} MB: KLD {row['mean_kld']:.5f} "
              f"(predicted {row['predicted_kld']:.5f})")

@@ -117,12 +117,16 @@ def mixed_options(ckpt: Checkpoint, ref: Path, imatrix: dict, *, calib_text: str
 
 def mixed_rows(ref: Path, sizes: Sequence[int], options, overhead: int, n_tokens: int, imatrix: dict, *,
                text: str | None = None, ctx: int = 512, max_chunks: int | None = 4, workdir: Path,
-               threads: int | None = None) -> list[dict]:
-    """One "edgellm mixed" row per target size: plan, quantize with the per-tensor types, score."""
+               threads: int | None = None, without: str | None = None) -> list[dict]:
+    """One "edgellm mixed" row per target size: plan, quantize with the per-tensor types, score.
+
+    `without`: leave that type out of every tensor's options (e.g. the grid a reference lies on)."""
     from edgellm.texts import heldout_text
 
     from .mixed import plan
 
+    if without:
+        options = {n: [o for o in opts if o.type != without] for n, opts in options.items()}
     rows = []
     for size in sizes:
         recipe = plan(options, overhead, size, n_tokens)
@@ -133,7 +137,8 @@ def mixed_rows(ref: Path, sizes: Sequence[int], options, overhead: int, n_tokens
                          max_chunks=max_chunks)
         finally:
             dest.unlink(missing_ok=True)
-        rows.append({**score_row("edgellm mixed", f"mixed {size / 1e6:.1f}MB", r.size_bytes, r),
+        name = f"mixed {size / 1e6:.1f}MB" + (f" no {without}" if without else "")
+        rows.append({**score_row("edgellm mixed", name, r.size_bytes, r),
                      "target_bytes": size, "predicted_kld": recipe.predicted_kld, "types": recipe.histogram()})
     return rows
 
