@@ -82,6 +82,31 @@ def _make_root(root: Path) -> None:
     (root / ".edgellm-complete").write_text(f"{SUITE} {' '.join(PACKAGES)}\n")
 
 
+# proot 5.1 (Debian 12) does not translate the newer faccessat2 syscall that glibc 2.36's access()
+# uses, so every os.access() in the emulated board fails (click's readable-file checks, shutil.which).
+# On a real board it works; here Python gets root's answer from stat(), which proot does translate.
+ACCESS_SHIM = """
+# edgellm test shim for proot: os.access from stat() (see tests/emulated_board.py)
+import os as _os, stat as _stat
+_real_access = _os.access
+def _access(path, mode, *, dir_fd=None, effective_ids=False, follow_symlinks=True):
+    if _real_access(path, mode, dir_fd=dir_fd, effective_ids=effective_ids, follow_symlinks=follow_symlinks):
+        return True
+    try:
+        st = _os.stat(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+    except OSError:
+        return False
+    return not (mode & _os.X_OK) or _stat.S_ISDIR(st.st_mode) or bool(st.st_mode & 0o111)
+_os.access = _access
+"""
+
+
+def prepare_board(root: Path) -> None:
+    """Apply the emulation shims to a copy of the cached root (the cache itself stays pristine)."""
+    site = root / "etc/python3.11/sitecustomize.py"
+    site.write_text(site.read_text() + ACCESS_SHIM)
+
+
 def command(root: Path, argv: Sequence[str], *, binds: Mapping[str, str] = {}, cwd: str = "/",
             env: Mapping[str, str] | None = None) -> list[str]:
     """argv (a path inside the root) as a proot command line: root is /, aarch64 runs under qemu."""

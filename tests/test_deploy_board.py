@@ -83,6 +83,7 @@ def board(pi_bundle, tmp_path_factory):
     assert not missing, f"apt-get install {' '.join(missing)} (.ci/setup.sh does)"
     root = tmp_path_factory.mktemp("board") / "root"
     subprocess.run(["cp", "-a", str(eb.arm64_root()), str(root)], check=True)
+    eb.prepare_board(root)
     assert not list(root.glob("usr/lib/aarch64-linux-gnu/libgomp*")), "the board must not have libgomp"
     assert not any((root / "usr/bin" / cc).exists() for cc in ("cc", "gcc", "aarch64-linux-gnu-gcc"))
     (root / HOME.lstrip("/")).mkdir(parents=True, exist_ok=True)
@@ -112,8 +113,6 @@ def test_bundle_installs_serves_and_answers_on_an_emulated_pi(board, pi_bundle):
     argv, env = _service_command(root, "/etc/systemd/system/edgellm.service")
     assert env["EDGELLM_THREADS"] == "4"  # the Pi 5's cores; this host has 2, and emulated
     env["EDGELLM_THREADS"] = str(min(4, os.cpu_count() or 2))  # spinning threads on shared cores crawl
-    service = subprocess.Popen(eb.command(root, argv, env=env), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     host_port = free_port()
     host_argv = [sys.executable, "-m", "edgellm.cli", "serve", str(pi_bundle.model), "--host", "127.0.0.1",
                  "--port", str(host_port), "--ctx", str(spec.n_ctx), "--kv-type", spec.kv_type,
@@ -123,6 +122,11 @@ def test_bundle_installs_serves_and_answers_on_an_emulated_pi(board, pi_bundle):
     try:
         _wait_health(host_port, host, 120)
         expected = _ask(host_port, 120)
+    finally:
+        _stop(host)
+    service = subprocess.Popen(eb.command(root, argv, env=env), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
         startup_s = _wait_health(spec.port, service, 300)
         t0 = time.monotonic()
         answer = _ask(spec.port, 300)
@@ -130,7 +134,6 @@ def test_bundle_installs_serves_and_answers_on_an_emulated_pi(board, pi_bundle):
         health = eb.run(root, ["/bin/bash", f"{bundle}/healthcheck.sh", "30"], timeout=120)
     finally:
         _stop(service)
-        _stop(host)
     print(f"\nemulated board: install {install_s:.0f} s, install again {reinstall_s:.0f} s, "
           f"service up in {startup_s:.0f} s, answer in {answer_s:.0f} s: {answer!r} (x86: {expected!r})")
     assert answer.strip() and answer == expected

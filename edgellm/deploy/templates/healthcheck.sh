@@ -5,7 +5,7 @@ set -euo pipefail
 # shellcheck source=common.sh
 . "$(dirname "$0")/common.sh"
 PY="$PREFIX/current/venv/bin/python"
-[ -x "$PY" ] || { echo "edgellm health: not installed under $PREFIX (run install.sh)" >&2; exit 2; }
+[ -f "$PY" ] || { echo "edgellm health: not installed under $PREFIX (run install.sh)" >&2; exit 2; }
 if [ "$SERVICE_KIND" = rpc-worker ]; then
   exec "$PY" - "$PORT" "${1:-5}" <<'PY'
 import socket, sys
