@@ -33,12 +33,14 @@ def bundle_readme(spec, board, service: str, manifest: dict) -> str:
             "Try it:",
             "```",
             f"curl -s http://127.0.0.1:{spec.port}/v1/chat/completions -H 'Content-Type: application/json' \\",
-            "  -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 64}'",
+            f"  -d '{{\"model\": \"{model['file'].removesuffix('.gguf')}\", "
+            "\"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}], \"max_tokens\": 64}'",
             "```",
         ]
     if spec.system_prompt:
-        lines += ["", "The KV state of this system prompt ships in state/; requests whose first message is",
-                  "exactly this system message skip reading it:", "", f"> {spec.system_prompt}"]
+        lines += ["", "The KV state of this system prompt ships in state/ and is given to the service",
+                  "(--system-state) for requests whose first message is exactly this system message:", "",
+                  f"> {spec.system_prompt}"]
     if spec.host in ("127.0.0.1", "localhost", "::1"):
         lines += ["", "The service listens on loopback only; rebuild the bundle with --host 0.0.0.0 to reach it "
                   "from the network."]
