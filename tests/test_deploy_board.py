@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -50,6 +51,18 @@ def _wait_health(port: int, proc: subprocess.Popen, deadline_s: float) -> float:
         except OSError:
             time.sleep(1)
     raise AssertionError(f"no /health within {deadline_s:.0f} s")
+
+
+def _wait_port(port: int, proc: subprocess.Popen, deadline_s: float) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        assert proc.poll() is None, f"the worker exited with {proc.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"nothing listens on {port} after {deadline_s:.0f} s")
 
 
 def _ask(port: int, timeout: float) -> str:
@@ -139,6 +152,33 @@ def test_bundle_installs_serves_and_answers_on_an_emulated_pi(board, pi_bundle):
     assert answer.strip() and answer == expected
     assert "Paris" in answer
     assert health.returncode == 0 and "ok" in health.stdout, health.stdout + health.stderr
+
+    # The worker side of multi-device RPC (what `deploy rpi --rpc-worker` installs) on the board, driven by an
+    # x86 `edgellm serve --rpc`: the layers run on the emulated aarch64 worker and the answer must not change.
+    from edgellm.rpc import worker_unit
+
+    worker_port = free_port()
+    (root / "var/cache/edgellm/rpc").mkdir(parents=True, exist_ok=True)
+    unit = units.parse_unit(worker_unit(host="127.0.0.1", port=worker_port, threads=2, exec_start=units.EXE))
+    log = open(root.parent / "worker.log", "w+")  # it logs every connection: a pipe could fill and block it
+    worker = subprocess.Popen(eb.command(root, units.exec_argv(unit["ExecStart"][0])), stdout=log,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    client_port = free_port()
+    client = None
+    try:
+        _wait_port(worker_port, worker, 120)
+        client = subprocess.Popen([*host_argv[:host_argv.index("--port")], "--port", str(client_port), "--ctx",
+                                   str(spec.n_ctx), "--parallel", "1", "--rpc", f"127.0.0.1:{worker_port}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        _wait_health(client_port, client, 300)
+        t0 = time.monotonic()
+        assert _ask(client_port, 400) == expected
+        print(f"x86 server + emulated aarch64 RPC worker: same answer in {time.monotonic() - t0:.0f} s")
+    finally:
+        for proc in (client, worker):
+            if proc is not None:
+                _stop(proc)
+        log.close()
 
     # The check can fail: without the vendored libgomp the runtime does not load on this board.
     lib = next((root / "opt/edgellm/current/venv/lib").glob("python3*/site-packages/llama_cpp/lib"))
