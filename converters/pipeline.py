@@ -54,7 +54,7 @@ def read_checkpoint(path: Path, kind: str):
 
 
 def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, quant: str = "Q4_K_M",
-            to: str = "gguf", calib_text: str | None = None, imatrix: bool = True, calib_tokens: int = 4096,
+            to: str = "gguf", calib_text: str | None = None, imatrix: bool = True, calib_tokens: int = 2048,
             threads: int | None = None, progress: Progress | None = None, target_size: int | None = None,
             target_bpw: float | None = None, recipe: str | os.PathLike[str] | None = None,
             sensitivity_tokens: int = 1024, eval_text: str | None = None,

@@ -33,14 +33,16 @@ from .shrink_options import shrink_options, shrink_transform
               help="Output format: a GGUF file, or a Hugging Face directory (safetensors + tokenizer.json).")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Calibration text for the importance matrix [default: the text shipped with edgellm].")
-@click.option("--calib-tokens", type=int, default=4096, show_default=True, help="Calibration tokens to use.")
+@click.option("--calib-tokens", type=int, default=None,
+              help="Calibration tokens to use [default: 2048 for GGUF, 4096 for ONNX].")
 @click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix (like plain llama-quantize).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--threads", type=int, default=None, help="Quantizer threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @shrink_options
 def command(source: str, output: Path, quant: str, target_size: str | None, target_bpw: float | None,
-            recipe: Path | None, do_eval: bool, fmt: str, flavour: str, to: str, calib: Path | None, calib_tokens: int,
+            recipe: Path | None, do_eval: bool, fmt: str, flavour: str, to: str, calib: Path | None,
+            calib_tokens: int | None,
             no_imatrix: bool, force: bool, threads: int | None, as_json: bool, **shrink) -> None:
     """Convert a model — a Hugging Face directory (Llama, SmolLM2, Qwen2, Mistral) or a GGUF file
     (dequantized, then requantized) — into a quantized GGUF, or a GGUF back into a HF directory.
@@ -63,7 +65,7 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
         raise UsageError("--prune-to/--distill currently go with --format gguf")
     if fmt == "onnx":
         from .onnx_convert import convert_onnx_cli
-        return convert_onnx_cli(click.get_current_context(), source, output, quant, flavour, calib, calib_tokens,
+        return convert_onnx_cli(click.get_current_context(), source, output, quant, flavour, calib, calib_tokens or 4096,
                                 no_imatrix, force, as_json)
     from edgellm.converters.mixed import parse_size, recipe_path
     from edgellm.converters.pipeline import convert
@@ -73,6 +75,7 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
 
     if output.exists() and not force:
         raise UsageError(f"{output} exists; pass --force to replace it")
+    calib_tokens = calib_tokens or 2048
     text = calib.read_text(encoding="utf-8") if calib else None
     with _progress(enabled=err.is_terminal and not as_json) as report:
         notes: dict = {}
