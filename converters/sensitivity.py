@@ -6,8 +6,8 @@ linear layer y = W x the per-token diagonal is exactly (g²)ᵀ(x²) summed over
 so one forward + backward pass per calibration chunk gives every tensor's F without per-weight
 gradients. Labels are sampled from the model itself (the true Fisher, not the empirical one).
 
-torch and transformers do the autograd (they are in the `convert` extra); hand-written here is only
-the accumulation of (g²)ᵀ(x²) in module hooks.
+torch and transformers do the autograd (converters/torch_llama.py builds the model; the `convert` extra);
+hand-written here is only the accumulation of (g²)ᵀ(x²) in module hooks.
 """
 from __future__ import annotations
 
@@ -21,26 +21,6 @@ from edgellm.errors import UsageError
 from .checkpoint import Checkpoint
 
 
-def torch_model(ckpt: Checkpoint):
-    """A transformers *ForCausalLM holding `ckpt`'s weights in float32 (loaded tensor by tensor)."""
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
-        raise UsageError("measuring sensitivity needs the converter extra: pip install 'edgellm[convert]'") from None
-    cfg = dict(ckpt.config.to_hf_config())
-    cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    cfg._attn_implementation = "sdpa"
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in ckpt.tensors.shapes:
-            params[name].copy_(torch.from_numpy(np.ascontiguousarray(ckpt.tensors.load(name), np.float32)))
-    if ckpt.config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval().requires_grad_(False)
-
-
 def fisher_diagonals(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 512, seed: int = 0,
                      threads: int | None = None,
                      progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, np.ndarray], int]:
@@ -50,11 +30,14 @@ def fisher_diagonals(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 51
     evenly over the vocabulary (calibration text touches few rows; held-out text touches others).
     Tied embeddings get the lookup's share plus the head's.
     """
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("measuring sensitivity needs the converter extra: pip install 'edgellm[convert]'") from None
 
-    if threads:
-        torch.set_num_threads(threads)
-    model = torch_model(ckpt)
+    from .torch_llama import to_torch
+
+    model = to_torch(ckpt, threads).requires_grad_(False)
     names = {m: n for n, m in model.named_modules()}
     acc: dict[str, torch.Tensor] = {}
     inputs: dict[str, torch.Tensor] = {}
@@ -111,4 +94,4 @@ def fisher_diagonals(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 51
     return out, n
 
 
-__all__ = ["fisher_diagonals", "torch_model"]
+__all__ = ["fisher_diagonals"]
