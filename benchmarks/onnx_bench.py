@@ -148,18 +148,27 @@ class _GenaiDecoder:
         del self.model
 
 
-def speed(p: dict[str, Path], threads: int, rounds: int, n_gen: int) -> dict[str, Any]:
+RUNNERS = ("fused_f32", "portable_f32", "fused_q4", "unfused_q4", "int4", "builder_in_edgellm", "builder_in_genai",
+           "llama_q4_0")
+RATIOS = {"fused_vs_unfused_q4": ("fused_q4", "unfused_q4"), "fused_vs_unfused_f32": ("fused_f32", "portable_f32"),
+          "int4_vs_builder_in_genai": ("int4", "builder_in_genai"),
+          "int4_vs_builder_same_loop": ("int4", "builder_in_edgellm"), "int4_vs_llama_q4_0": ("int4", "llama_q4_0")}
+
+
+def speed(p: dict[str, Path], threads: int, rounds: int, n_gen: int,
+          names: tuple[str, ...] = RUNNERS) -> dict[str, Any]:
     """Decode tok/s, every runner once per round, the order reversed every other round; paired ratios."""
     from edgellm.bench import SpeedBench, paired_ratio
 
-    runners = {"fused_f32": p["fused_f32"], "portable_f32": p["portable_f32"], "fused_q4": p["fused_q4"],
-               "unfused_q4": p["unfused_q4"], "int4": p["int4"],
-               "builder_in_edgellm": p["builder"], "builder_in_genai": None, "llama_q4_0": p["q4_0"]}
-    decoders = {k: _GenaiDecoder(p["builder"]) if path is None else
-                SpeedBench(path, threads, n_prompt=32, n_gen=n_gen, anchor=False) for k, path in runners.items()}
+    paths = {"fused_f32": p["fused_f32"], "portable_f32": p["portable_f32"], "fused_q4": p["fused_q4"],
+             "unfused_q4": p["unfused_q4"], "int4": p["int4"],
+             "builder_in_edgellm": p["builder"], "builder_in_genai": None, "llama_q4_0": p["q4_0"]}
+    decoders = {k: _GenaiDecoder(p["builder"]) if paths[k] is None else
+                SpeedBench(paths[k], threads, n_prompt=32, n_gen=n_gen, anchor=False) for k in names}
     reps: dict[str, list[float]] = {k: [] for k in decoders}
     try:
-        decoders["builder_in_genai"].edgellm_tg(8)  # warm-up (SpeedBench warms itself up)
+        if "builder_in_genai" in decoders:
+            decoders["builder_in_genai"].edgellm_tg(8)  # warm-up (SpeedBench warms itself up)
         for r in range(rounds):
             _log(f"decode round {r + 1}/{rounds}")
             for k in list(decoders) if r % 2 == 0 else list(decoders)[::-1]:
@@ -168,11 +177,7 @@ def speed(p: dict[str, Path], threads: int, rounds: int, n_gen: int) -> dict[str
         for d in decoders.values():
             d.close()
     return {"tps": {k: statistics.median(v) for k, v in reps.items()}, "reps": reps,
-            "ratios": {"fused_vs_unfused_q4": paired_ratio(reps["fused_q4"], reps["unfused_q4"]),
-                       "fused_vs_unfused_f32": paired_ratio(reps["fused_f32"], reps["portable_f32"]),
-                       "int4_vs_builder_in_genai": paired_ratio(reps["int4"], reps["builder_in_genai"]),
-                       "int4_vs_builder_same_loop": paired_ratio(reps["int4"], reps["builder_in_edgellm"]),
-                       "int4_vs_llama_q4_0": paired_ratio(reps["int4"], reps["llama_q4_0"])}}
+            "ratios": {k: paired_ratio(reps[a], reps[b]) for k, (a, b) in RATIOS.items() if a in reps and b in reps}}
 
 
 def quality(p: dict[str, Path], threads: int, chunks: int) -> dict[str, Any]:
@@ -197,26 +202,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "out" / "onnx")
     ap.add_argument("--fresh", action="store_true", help="rebuild every artifact")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--parts", default="parity,nodes,speed,quality",
+                    help="comma-separated subset of parity,nodes,speed,quality (targets of the others are skipped)")
+    ap.add_argument("--runners", default=",".join(RUNNERS),
+                    help="decoders the speed part times, e.g. int4,builder_in_genai,builder_in_edgellm")
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
+    names = tuple(args.runners.split(","))
+    if not parts <= {"parity", "nodes", "speed", "quality"} or not set(names) <= set(RUNNERS):
+        ap.error(f"--parts takes parity,nodes,speed,quality; --runners takes {','.join(RUNNERS)}")
     p = prepare(args.work, args.threads, args.fresh)
-    _log("parity"), (par := parity(p, args.threads))
-    nod = nodes(p)
-    spd = speed(p, args.threads, args.rounds, args.gen)
-    qual = quality(p, args.threads, args.chunks)
+    par = nod = spd = qual = None
+    if "parity" in parts:
+        _log("parity"), (par := parity(p, args.threads))
+    nod = nodes(p) if "nodes" in parts else None
+    spd = speed(p, args.threads, args.rounds, args.gen, names) if "speed" in parts else None
+    qual = quality(p, args.threads, args.chunks) if "quality" in parts else None
+    ratio = (spd or {}).get("ratios", {}).get
     figures = {
-        "parity_cosine_min": min(v["cosine_min"] for v in par.values()),
-        "greedy64_identical": int(all(v["greedy64_identical"] for v in par.values())),
-        "fused_node_ratio": nod["unfused_q4"]["nodes"] / nod["fused_q4"]["nodes"],
-        "fused_decode_vs_unfused": spd["ratios"]["fused_vs_unfused_q4"],
-        "int4_decode_vs_builder": spd["ratios"]["int4_vs_builder_in_genai"],
-        "int4_kld_vs_builder": qual["int4"]["mean_kld"] / qual["builder"]["mean_kld"],
-        "int4_size_vs_builder": qual["int4"]["bytes"] / qual["builder"]["bytes"],
+        "parity_cosine_min": par and min(v["cosine_min"] for v in par.values()),
+        "greedy64_identical": par and int(all(v["greedy64_identical"] for v in par.values())),
+        "fused_node_ratio": nod and nod["unfused_q4"]["nodes"] / nod["fused_q4"]["nodes"],
+        "fused_decode_vs_unfused": ratio("fused_vs_unfused_q4"),
+        "int4_decode_vs_builder": ratio("int4_vs_builder_in_genai"),
+        "int4_kld_vs_builder": qual and qual["int4"]["mean_kld"] / qual["builder"]["mean_kld"],
+        "int4_size_vs_builder": qual and qual["int4"]["bytes"] / qual["builder"]["bytes"],
     }
     targets = {k: {"what": what, "value": figures[k], "bound": f"{'≥' if how == 'min' else '≤'} {bound}",
                    "met": figures[k] >= bound if how == "min" else figures[k] <= bound}
-               for k, what, how, bound in TARGETS}
+               for k, what, how, bound in TARGETS if figures[k] is not None}
     import onnxruntime
     result = {"threads": args.threads, "rounds": args.rounds, "n_gen": args.gen, "kld_chunks": args.chunks,
+              "parts": sorted(parts),
               "onnxruntime": onnxruntime.__version__, "parity": par, "nodes": nod, "speed": spd, "quality": qual,
               "targets": targets}
     text = json.dumps(result, indent=2)

@@ -209,6 +209,17 @@ class OnnxBackend:
         self._shared = facts.get("flavour") == "fused"
         self._arrays: list[np.ndarray] = []
         self._kv = [] if self._shared else self._empty_kv()
+        # Per-step inputs and the logits live in buffers allocated once and bound by address (as
+        # onnxruntime-genai's C++ loop does): a decode step writes one token id into place and rebinds
+        # the mask's length; nothing is allocated, and no output is wrapped back into Python.
+        self._ids = np.zeros(n_batch, np.int64)
+        self._mask = np.ones(self._n_ctx, np.int64)
+        self._keep = np.ones(1, np.int64)
+        logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
+        self._logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
+        self._row = np.empty((1, self._n_vocab), self._logits_dtype)  # a decode step's logits
+        self._ptr = [a.ctypes.data for a in (self._ids, self._mask, self._keep)]
+        self._eog = frozenset(facts.get("eog_ids", ()))
         self._n_past = 0
         self._last: np.ndarray | None = None
         self._sampler: NumpySampler | None = None
@@ -256,7 +267,7 @@ class OnnxBackend:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
-        return token in self.facts.get("eog_ids", ())
+        return token in self._eog
 
     def special_token(self, which: str) -> int | None:
         tok = (self.facts.get("special_ids") or {}).get(which)
@@ -289,7 +300,7 @@ class OnnxBackend:
 
     def _run(self, tokens: Sequence[int], keep: int) -> np.ndarray:
         """Evaluate one chunk on top of the KV cache; returns the last `keep` logits rows."""
-        total = self._n_past + len(tokens)
+        n, total = len(tokens), self._n_past + len(tokens)
         if self._shared:
             self._reserve(total)
             io = self._io
@@ -299,21 +310,24 @@ class OnnxBackend:
                 io.bind_ortvalue_input(name, value)
             for name in self._present:
                 io.bind_output(name, "cpu")
-        io.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
+        self._ids[:n] = tokens
+        io.bind_input("input_ids", "cpu", 0, np.int64, [1, n], self._ptr[0])
         if "attention_mask" in self._inputs:
-            io.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+            io.bind_input("attention_mask", "cpu", 0, np.int64, [1, total], self._ptr[1])
+        rows = n
         if "num_logits_to_keep" in self._inputs:
-            io.bind_cpu_input("num_logits_to_keep", np.array([keep], np.int64))
-        io.bind_output("logits", "cpu")
+            self._keep[0] = rows = keep
+            io.bind_input("num_logits_to_keep", "cpu", 0, np.int64, [1], self._ptr[2])
+        out = self._row if rows == 1 else np.empty((rows, self._n_vocab), self._logits_dtype)
+        io.bind_output("logits", "cpu", 0, self._logits_dtype, [1, rows, self._n_vocab], out.ctypes.data)
         try:
             self.session.run_with_iobinding(io)
         except Exception as e:  # onnxruntime's own exception types
             raise BackendError(f"onnxruntime failed to evaluate: {str(e).splitlines()[0]}") from None
-        outs = dict(zip([*self._present, "logits"], io.get_outputs()))
         if not self._shared:
-            self._kv = [outs[n] for n in self._present]
+            self._kv = io.get_outputs()[:len(self._present)]
         self._n_past = total
-        return outs["logits"].numpy()[0, -keep:]
+        return out[-keep:]
 
     def eval(self, tokens: Sequence[int]) -> None:
         if self._n_past + len(tokens) > self._n_ctx:

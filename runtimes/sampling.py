@@ -45,12 +45,10 @@ class NumpySampler:
 
     def _draw(self, x: np.ndarray) -> int:
         c = self.config
-        k = c.top_k if 0 < c.top_k < x.size else x.size
-        ids = np.argpartition(-x, k - 1)[:k] if k < x.size else np.arange(x.size)
+        ids, norm = self._candidates(x)
         ids = ids[np.argsort(-x[ids], kind="stable")]
         z = x[ids].astype(np.float64)
-        p = np.exp(z - z[0])
-        p /= p.sum()
+        p = np.exp(z - z[0]) / norm
         if c.top_p < 1.0:
             keep = int(np.searchsorted(np.cumsum(p), c.top_p) + 1)
             ids, z, p = ids[:keep], z[:keep], p[:keep] / p[:keep].sum()
@@ -61,3 +59,33 @@ class NumpySampler:
         p = np.exp(z - z.max())
         p /= p.sum()
         return int(ids[self.rng.choice(len(ids), p=p)])
+
+    def _candidates(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """The highest logits that can survive top-k, top-p and min-p, and the softmax normaliser over
+        the top-k set (relative to the maximum). Sorting only these instead of the vocabulary keeps a
+        sampled token within a few hundred microseconds (top_k=0 sorted all 49k logits: ~8 ms)."""
+        c = self.config
+        m = float(x.max())
+        if 0 < c.top_k < x.size:
+            ids = _top_k(x, c.top_k, m)
+            return ids, float(np.exp(x[ids].astype(np.float64) - m).sum())
+        e = np.exp((x - m).astype(np.float64))
+        norm = float(e.sum())
+        if c.min_p > 0.0:  # min-p keeps only p ≥ min_p·p_max, i.e. x ≥ max + ln(min_p) (a little margin)
+            return np.flatnonzero(x >= m + np.log(c.min_p) - 1e-3), norm
+        if c.top_p < 1.0:  # the top-p prefix: widen a logit window until it holds top_p of the mass
+            for margin in (4.0, 8.0, 16.0):
+                ids = np.flatnonzero(x >= m - margin)
+                if e[ids].sum() >= c.top_p * norm:
+                    return ids, norm
+        return np.arange(x.size), norm
+
+
+def _top_k(x: np.ndarray, k: int, m: float) -> np.ndarray:
+    """Ids of the k largest logits: partition only a window below the maximum that holds ≥ k of them
+    (the whole vocabulary when none does)."""
+    for margin in (8.0, 16.0):
+        ids = np.flatnonzero(x >= m - margin)
+        if ids.size >= k:
+            return ids if ids.size == k else ids[np.argpartition(-x[ids], k - 1)[:k]]
+    return np.argpartition(-x, k - 1)[:k]
