@@ -1,6 +1,7 @@
 """edgellm serve on the real default model, through the official openai client and raw HTTP: round trips,
-isolation of concurrent streams, KV reuse per conversation, bad input, a client that hangs up
-mid-stream, queue overflow, the API key, and a graceful SIGTERM of the CLI server."""
+isolation of concurrent streams (default batched mode), equality with single-client runs (--exact), KV
+reuse per conversation, the shipped system-prompt state, bad input, a client that hangs up mid-stream,
+queue overflow, the API key, and a graceful SIGTERM of the CLI server."""
 from __future__ import annotations
 
 import json
@@ -49,6 +50,7 @@ def running(path, *, n_ctx: int = 2048, **config):
 
 @pytest.fixture(scope="module")
 def base(default_model_path):
+    """The default configuration (batched decode), 8 slots."""
     with running(default_model_path, parallel=8, max_queue=32) as url:
         yield url
 
@@ -107,44 +109,116 @@ def test_openai_client_round_trip(client, base, llm):
         assert json.loads(h.read())["status"] == "ok"
 
 
-def greedy_consistent(llm, prompt: str, text: str, margin: float = 0.05) -> bool:
-    """Every token of `text` is the model's top choice (up to rounding noise) after `prompt` and the
-    tokens before it: teacher forcing on a separate single-sequence session."""
+# How far below the top logit a streamed token may be and still count as the model's greedy choice for
+# its own context. Batch-size-dependent kernels and KV reuse round differently: measured up to 0.14 (a
+# near-tie flipped); a token from another client's answer is 6.7-12.8 below (the test checks the gap).
+MARGIN = 0.5
+
+
+def worst_deficit(llm, prompt: str, text: str) -> float:
+    """The largest (top logit - logit of the streamed token) over `text`'s tokens after `prompt` and the
+    tokens before them: teacher forcing on a separate single-sequence session."""
     context = llm.tokenize(llm.render([{"role": "user", "content": prompt}]))
-    answer = llm.backend.tokenize(text, add_special=False, parse_special=False)
-    for tok in answer:
+    worst = 0.0
+    for tok in llm.backend.tokenize(text, add_special=False, parse_special=False):
         logits = llm.logits(context)
-        if logits[tok] < logits.max() - margin:
-            return False
+        worst = max(worst, float(logits.max() - logits[tok]))
         context = context + [tok]
-    return True
+    return worst
 
 
-def test_concurrent_streams_are_isolated(client, llm):
-    """8 clients streaming at once: all complete, and each answer is its own prompt's greedy answer."""
+def test_concurrent_streams_are_isolated(client, base, llm):
+    """8 clients streaming at once in the default (batched) mode: all complete, in one shared decode, and
+    each answer is its own prompt's greedy answer (up to rounding) — a token leaked from another stream
+    would not be."""
+    with urllib.request.urlopen(f"{base}/health") as h:
+        assert json.loads(h.read())["mode"] == "batch"
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = list(pool.map(lambda p: ask(client, p, stream=True, max_tokens=24), PROMPTS))
     assert len({t for t, _ in together}) == len(PROMPTS)
-    for prompt, (text, (usage, reason)) in zip(PROMPTS, together):
+    for i, (prompt, (text, (usage, reason))) in enumerate(zip(PROMPTS, together)):
         assert reason in ("stop", "length") and usage.completion_tokens > 0
-        assert greedy_consistent(llm, prompt, text), (prompt, text)
-    assert not greedy_consistent(llm, PROMPTS[0], together[1][0])  # the check does tell answers apart
+        assert worst_deficit(llm, prompt, text) < MARGIN, (prompt, text)
+        other = together[(i + 1) % len(PROMPTS)][0]
+        assert worst_deficit(llm, prompt, other) > 4 * MARGIN, (prompt, other)  # the check tells answers apart
 
 
-def test_concurrent_answers_equal_single_client_runs(client, llm):
-    """8 clients at once get exactly the greedy text a single-sequence session gives for each prompt.
-    The prompts share no prefix, so neither side reuses KV computed for another prompt (re-evaluating
-    a prompt's last token alone rounds differently from evaluating it in the prompt's batch)."""
+def test_exact_mode_answers_equal_single_client_runs(default_model_path, llm):
+    """--exact: 8 clients at once get exactly the greedy text a single-sequence session gives for each
+    prompt. The prompts share no prefix, so neither side reuses KV computed for another prompt
+    (re-evaluating a prompt's last token alone rounds differently from evaluating it in the prompt's batch)."""
     prompts = ["Apples are", "Rivers flow", "Seven days", "Quantum physics", "Green tea", "Music makes",
                "Mountains rise", "Winter comes"]
     alone = [llm.generate(p, max_tokens=24).text for p in prompts]
 
-    def complete(p: str) -> str:
-        return client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0).choices[0].text
+    with running(default_model_path, parallel=8, batch=False) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(complete, prompts))
+        def complete(p: str) -> str:
+            return client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(complete, prompts))
     assert together == alone and len(set(alone)) == len(prompts)
+
+
+SYSTEM = "You are a helpful assistant at the information desk of a science museum."
+
+
+def test_shipped_system_prompt_state_is_restored_not_evaluated(default_model_path, tmp_path):
+    """A `cache-prompt` state (made by a one-sequence session, as a Pi bundle ships it) is restored into
+    a server slot: the first request evaluates only what follows the system prompt, and the answer
+    equals the one computed without the state. --system adds the system message to requests without one."""
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    with edgellm.load(default_model_path, n_ctx=512, disk_cache=False, sampler=edgellm.GREEDY) as maker:
+        n_state = maker.cache_prompt(SYSTEM, tmp_path / "system.kv")
+    with edgellm.load(default_model_path, n_ctx=1024, disk_cache=False, sampler=edgellm.GREEDY) as fresh:
+        expected = fresh.chat([{"role": "system", "content": SYSTEM}, *question], max_tokens=24)
+        assert expected.stats.reused_tokens == 0
+    with running(default_model_path, n_ctx=1024, parallel=2, system=SYSTEM,
+                 system_state=str(tmp_path / "system.kv")) as url:
+        with urllib.request.urlopen(f"{url}/health") as h:
+            assert json.loads(h.read())["system_state_tokens"] == n_state > 10
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model=MODEL, messages=question, max_tokens=24, temperature=0)
+        assert r.usage.prompt_tokens == expected.stats.prompt_tokens  # the system message was added
+        assert r.usage.prompt_tokens_details.cached_tokens == n_state < r.usage.prompt_tokens
+        assert r.choices[0].message.content == expected.text and expected.text
+
+
+def test_sequence_states_restore_across_slot_counts(default_model_path):
+    """A slot's state (sequence 2 of a 3-slot context) restores into a one-sequence session and into
+    another slot, and the next token's logits are the same everywhere (llama.cpp frames states by the
+    context's stream count; the backend keeps them in a count-independent form)."""
+    import numpy as np
+
+    with edgellm.load(default_model_path, n_ctx=256, parallel=3, disk_cache=False) as multi:
+        be = multi.backend
+        prompt = multi.tokenize("The quick brown fox jumps over the")
+        n, nxt = len(prompt), multi.tokenize(" lazy", special=False)[-1]
+        be.decode_batch(prompt, range(n), [2] * n, [False] * n)
+        state = be.seq_state(2)
+        be.seq_restore(0, state)
+        be.decode_batch([nxt], [n], [2], [True])
+        in_slot = be.logits()
+        be.decode_batch([nxt], [n], [0], [True])
+        assert np.array_equal(be.logits(), in_slot)
+    with edgellm.load(default_model_path, n_ctx=256, disk_cache=False) as single:
+        single.backend.load_state(state, n)
+        assert len(single.backend.save_state()) == len(state)  # one form whatever the slot count
+        single.backend.eval([nxt])
+        assert np.array_equal(single.backend.logits(), in_slot)
+
+
+def test_unusable_system_state_is_reported_and_recomputed(llm, tmp_path):
+    from edgellm.server.system import pinned_state, system_tokens
+
+    llm.cache_prompt("You are a pirate.", tmp_path / "pirate.kv")
+    warnings: list[str] = []
+    state = pinned_state(llm, SYSTEM, tmp_path / "pirate.kv", warnings.append)
+    assert state.tokens == system_tokens(llm, SYSTEM) and "another system prompt" in warnings[0]
+    (tmp_path / "bad.kv").write_bytes(b"EDGEKV01 not really")
+    assert pinned_state(llm, None, tmp_path / "bad.kv", warnings.append) is None and "not using" in warnings[1]
 
 
 def test_each_conversation_reuses_its_own_kv_cache(client):

@@ -17,9 +17,12 @@ from .output import err
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' [default: EDGELLM_API_KEY, else none].")
 @click.option("--parallel", type=int, default=4, show_default=True,
               help="Requests in flight at once, each with its own --ctx KV cache; 1 serves one at a time.")
-@click.option("--batch", is_flag=True,
-              help="Decode all requests in one llama.cpp batch: more tokens/s with many clients, but greedy "
-                   "answers may differ slightly from a single-client run.")
+@click.option("--batch/--exact", default=True, show_default=True,
+              help="--batch decodes all requests in one llama.cpp batch, like llama-server: more tokens/s "
+                   "with many clients, but a greedy answer may differ from a single-client run where two "
+                   "tokens are nearly tied. --exact decodes each request on its own: bit-identical to a "
+                   "single-client run, slower with many clients. Requests never see each other's tokens "
+                   "in either mode.")
 @click.option("--queue", "max_queue", type=int, default=16, show_default=True,
               help="Requests that may wait for a slot; more get HTTP 503.")
 @click.option("--timeout", "timeout_s", type=float, default=300, show_default=True,
@@ -29,18 +32,23 @@ from .output import err
 @click.option("--drain", "drain_s", type=float, default=10, show_default=True,
               help="On SIGTERM/Ctrl-C, seconds in-flight requests may still finish.")
 @click.option("--rpc", default=None, help="llama.cpp RPC workers holding the layers: host:port[,host:port...].")
+@click.option("--system", default=None,
+              help="System message for chat requests that send none; its KV state is computed once at "
+                   "start-up (or taken from --system-state) and never evaluated again.")
 @click.option("--system-state", "prompt_state", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A state file from `edgellm cache-prompt` (a precomputed system prompt) to reuse.")
+              help="The system prompt's KV state from `edgellm cache-prompt` (saves that prefill at start-up; "
+                   "used for requests starting with that system prompt; with --system, made for it).")
 @click.option("--temperature", type=float, default=0.7, show_default=True, help="Default when a request gives none.")
 @model_options
 def command(model: str | None, host: str, port: int, api_key: str | None, parallel: int, batch: bool, max_queue: int,
-            timeout_s: float, default_max_tokens: int, drain_s: float, rpc: str | None, prompt_state: str | None,
-            temperature: float, **kw) -> None:
+            timeout_s: float, default_max_tokens: int, drain_s: float, rpc: str | None, system: str | None,
+            prompt_state: str | None, temperature: float, **kw) -> None:
     """Serve MODEL (default: the embedded SmolLM2-135M) over HTTP with the OpenAI API:
     /v1/chat/completions (streaming and not), /v1/completions, /v1/models, /health.
 
     Requests in flight advance together token by token (a new one starts at once, not after the others);
-    each conversation reuses the KV cache of its earlier turns. Each of the --parallel slots has a
+    each conversation reuses the KV cache of its earlier turns, and the system prompt's state (--system,
+    --system-state) is restored rather than evaluated. Each of the --parallel slots has a
     --ctx-token KV cache, so memory grows with both (checked before loading; see
     `edgellm plan --server --parallel N`).
 
@@ -48,6 +56,7 @@ def command(model: str | None, host: str, port: int, api_key: str | None, parall
     Examples:
       edgellm serve                                    http://127.0.0.1:8080/v1
       edgellm serve model.gguf --ctx 8192 --parallel 8 --api-key secret
+      edgellm serve --system "You are a museum guide." --system-state guide.kv
       edgellm serve --rpc 192.168.1.21:50052,192.168.1.22:50052
     \b
     With the openai client:
@@ -66,15 +75,17 @@ def command(model: str | None, host: str, port: int, api_key: str | None, parall
     key = api_key or os.environ.get("EDGELLM_API_KEY") or None
     lk = load_kwargs(kw)
     lk["disk_cache"] = False  # the server keeps states in memory; per-request disk writes would stall decoding
-    session = edgellm.load(model, parallel=parallel, rpc=rpc, prompt_state=prompt_state,
-                           sampler=SamplerConfig(temperature=temperature), **lk)
+    session = edgellm.load(model, parallel=parallel, rpc=rpc, sampler=SamplerConfig(temperature=temperature), **lk)
     model_id = model_name(model, session.model_path)
     config = ServeConfig(model_id=model_id, parallel=parallel, batch=batch, max_queue=max_queue, timeout_s=timeout_s,
-                         default_max_tokens=default_max_tokens, api_key=key, drain_s=drain_s)
+                         default_max_tokens=default_max_tokens, api_key=key, drain_s=drain_s, system=system,
+                         system_state=prompt_state)
     server = EdgeServer(session, config, host=host, port=port)
+    pinned = server.system_tokens
     err.print(f"edgellm serve: {model_id} on http://{host}:{port}/v1  ({parallel} slots of {session.n_ctx} "
-              f"tokens{', batched' if batch else ''}, queue {max_queue}, timeout {timeout_s:g} s, "
-              f"API key {'required' if key else 'off'}{', RPC ' + rpc if rpc else ''}) — Ctrl-C to stop")
+              f"tokens, {'--batch' if batch else '--exact'}, queue {max_queue}, timeout {timeout_s:g} s, "
+              f"API key {'required' if key else 'off'}{', RPC ' + rpc if rpc else ''}"
+              f"{f', system prompt of {pinned} tokens cached' if pinned else ''}) — Ctrl-C to stop")
     try:
         server.run()
     finally:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -29,18 +30,21 @@ from ..errors import ContextOverflowError, EdgeLLMError, TemplateError
 from ..session import Session
 from . import openai as oa
 from .engine import Engine, QueueFullError, Request
+from .system import pinned_state
 
 
 @dataclass
 class ServeConfig:
     model_id: str
     parallel: int = 4
-    batch: bool = False  # one llama_decode for all requests (faster, not bit-identical to single runs)
+    batch: bool = True  # one llama_decode for all requests; False: exact (bit-identical to single runs, slower)
     max_queue: int = 16
     timeout_s: float = 300.0  # per request, queueing included
     default_max_tokens: int = 512  # when a request gives none (OpenAI: "up to the context")
     api_key: str | None = None
     drain_s: float = 10.0  # graceful shutdown: how long in-flight requests may still run
+    system: str | None = None  # system message for chat requests that bring none
+    system_state: str | None = None  # its KV state from `cache-prompt` (else computed at start-up)
 
 
 def _error(e: oa.APIError) -> JSONResponse:
@@ -71,7 +75,11 @@ class Server:
 
     def __init__(self, session: Session, config: ServeConfig) -> None:
         self.session, self.config = session, config
-        self.engine = Engine(session, parallel=config.parallel, max_queue=config.max_queue, batch=config.batch)
+        state = pinned_state(session, config.system, config.system_state,
+                             lambda m: print(f"edgellm serve: {m}", file=sys.stderr))
+        self.system_tokens = len(state.tokens) if state is not None else 0
+        self.engine = Engine(session, parallel=config.parallel, max_queue=config.max_queue, batch=config.batch,
+                             pinned=(state,) if state is not None else ())
         self.started = time.time()
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -105,6 +113,7 @@ class Server:
         e = self.engine
         return JSONResponse({"status": "ok", "model": self.config.model_id, "busy": e.busy,
                              "queued": len(e.queue), "slots": len(e.slots), "context": e.pool,
+                             "mode": "batch" if e.batch else "exact", "system_state_tokens": self.system_tokens,
                              "uptime_s": round(time.time() - self.started, 1), **e.stats})
 
     async def models(self, request: HTTPRequest) -> Response:
@@ -125,7 +134,7 @@ class Server:
                 raise oa.APIError(404, f"the model {params.model!r} does not exist; this server has "
                                   f"{self.config.model_id!r}", code="model_not_found", param="model")
             try:
-                text = self.session.render(oa.chat_messages(body)) if chat else oa.completion_prompt(body)
+                text = self.session.render(self._messages(body)) if chat else oa.completion_prompt(body)
             except TemplateError as e:
                 raise oa.APIError(400, str(e), param="messages") from None
             tokens = self.session.tokenize(text)
@@ -147,6 +156,12 @@ class Server:
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._whole(request, req, queue, rid, chat)
+
+    def _messages(self, body: dict) -> list[dict[str, str]]:
+        messages = oa.chat_messages(body)
+        if self.config.system is not None and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.config.system})
+        return messages
 
     def _request(self, tokens: list[int], params: oa.Params) -> Request:
         pool = self.engine.pool
@@ -245,8 +260,10 @@ class EdgeServer:
         import uvicorn
 
         self.config = config
+        self.server = Server(session, config)
+        self.system_tokens = self.server.system_tokens  # the pinned system prompt's length (0: none)
         self.uvicorn = uvicorn.Server(uvicorn.Config(
-            create_app(session, config), host=host, port=port, log_level="warning", access_log=False,
+            self.server.app(), host=host, port=port, log_level="warning", access_log=False,
             timeout_graceful_shutdown=max(1, int(config.drain_s)), lifespan="on"))
 
     def run(self) -> None:

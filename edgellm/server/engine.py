@@ -3,19 +3,22 @@
 Every step, each active request gets its next token evaluated (or its next prompt chunk), so a new
 request starts at the next step instead of waiting for whole answers ahead of it (fair time to first
 token), and a client's stream never waits for another's to end. Two ways to run a step:
-- interleaved (default): one llama_decode per sequence (QUANTUM tokens in a row). Each sequence has its
+- batched (default, `batch=True`; llama-server's continuous batching): one llama_decode over all
+  sequences' tokens. The weights are read once per step, so the aggregate speed grows with the number
+  of clients, but llama.cpp's CPU kernels round differently at other batch sizes, so a greedy answer
+  can differ from the single-client one where two tokens are nearly tied (llama-server behaves alike).
+  Isolation does not depend on it: each sequence attends only to its own KV stream.
+- exact (`batch=False`): one llama_decode per sequence (QUANTUM tokens in a row). Each sequence has its
   own KV stream, so its numbers are exactly those of a single-client run: greedy answers are identical
-  whatever else runs. Aggregate decode speed is about one client's (each token costs one decode).
-- batched (`batch=True`, llama-server's continuous batching): one llama_decode over all sequences'
-  tokens. The weights are read once per step, so the aggregate speed grows with the number of clients,
-  but llama.cpp's CPU kernels round differently at other batch sizes, so a greedy answer can differ
-  from the single-client one where two tokens are nearly tied.
+  whatever else runs. Aggregate decode speed is at most one client's (each token costs one decode).
 `parallel=1` serves one request at a time.
 
 KV reuse per conversation: each slot is a sequence that keeps the tokens of its last request. A new
-request takes the idle slot whose tokens share the longest prefix with its prompt or — when a snapshot in
-the session's in-memory PrefixCache (stashed slots, a shipped system prompt) shares more — restores that
-snapshot into the least recently used idle slot. A slot's contents are stashed before being overwritten.
+request takes the idle slot whose tokens share the longest prefix with its prompt or — when a snapshot
+shares more — restores that snapshot into the least recently used idle slot. Snapshots are the session's
+in-memory PrefixCache (stashed slots; a slot's contents are stashed before being overwritten) and the
+pinned states (the default system prompt's, shipped with `cache-prompt` or computed at start-up), which
+the LRU never evicts.
 
 All llama.cpp calls happen on the engine thread; the HTTP side talks to it through `submit` and the
 `emit` callback of each request.
@@ -33,12 +36,12 @@ from typing import Any
 
 from ..errors import BackendError, ContextOverflowError, EdgeLLMError
 from ..runtimes.base import SamplerConfig
-from ..runtimes.kv_cache import common_prefix
+from ..runtimes.kv_cache import SavedState, common_prefix
 from ..session import STASH_MIN_TOKENS, Session
 from ..textstream import TextAssembler
 
 
-# Interleaved mode decodes this many tokens of one sequence before moving to the next. llama.cpp reuses
+# Exact mode decodes this many tokens of one sequence before moving to the next. llama.cpp reuses
 # its compute graph between decodes only while the same sequences take part (llama-graph.h,
 # allow_reuse), so switching sequence on every token would rebuild the graph every token; a quantum of
 # 4 keeps 3 in 4 decodes on the reused graph and delays others by at most 4 tokens per active request.
@@ -99,7 +102,7 @@ class Engine:
     """
 
     def __init__(self, session: Session, *, parallel: int = 4, max_queue: int = 16, step_tokens: int = 512,
-                 batch: bool = False) -> None:
+                 batch: bool = True, pinned: tuple[SavedState, ...] = ()) -> None:
         be = session.backend
         if not hasattr(be, "decode_batch"):
             raise BackendError(f"edgellm serve needs the llama.cpp backend (a GGUF model); this model runs on {be.name}")
@@ -110,6 +113,7 @@ class Engine:
         self.pool = be.n_ctx  # per slot: each sequence has its own KV stream
         self.max_queue = max_queue
         self.batch = batch
+        self.pinned = pinned
         self.step_tokens = max(parallel, step_tokens)
         self.slots = [Slot(seq) for seq in range(parallel)]
         self.queue: deque[Request] = deque()
@@ -227,19 +231,21 @@ class Engine:
         limit = len(req.prompt) - 1  # evaluate at least one token so there are fresh logits
         slot = _best_slot(idle, req.prompt)
         reuse, source = common_prefix(slot.tokens, req.prompt), "slot"
-        found = self.session.memory_cache.best(req.prompt, reuse)
+        found = self._snapshot(req.prompt, reuse)
+        restored = False
         if found is not None and min(found[1], limit) > min(reuse, limit):
             saved, shared = found
             slot = min(idle, key=lambda s: (len(s.tokens) > 0, s.last_used))
             self._evict(slot)
             try:
                 self.backend.seq_restore(slot.seq, saved.state)
-                slot.tokens, reuse, source = list(saved.tokens), shared, saved.source
+                slot.tokens, reuse, source, restored = list(saved.tokens), shared, saved.source, True
             except EdgeLLMError:  # no room for the whole snapshot: evaluate the prompt instead
                 reuse = 0
         reuse = min(reuse, limit)
         if reuse < len(slot.tokens):
-            if len(slot.tokens) >= STASH_MIN_TOKENS:  # keep it for the conversation that comes back to it
+            # keep it for the conversation that comes back to it (a restored snapshot is kept already)
+            if len(slot.tokens) >= STASH_MIN_TOKENS and not restored:
                 self.session.memory_cache.put(slot.tokens, self.backend.seq_state(slot.seq))
             self.backend.seq_remove(slot.seq, reuse)
             del slot.tokens[reuse:]
@@ -247,6 +253,15 @@ class Engine:
         slot.req, slot.pending, slot.next_token = req, req.prompt[reuse:], None
         slot.text = TextAssembler(req.stops)
         slot.sampler = None if req.config.greedy else self.backend.make_sampler(req.config)
+
+    def _snapshot(self, prompt: list[int], better_than: int) -> tuple[SavedState, int] | None:
+        """The stashed or pinned state sharing the longest prefix with `prompt` (if > better_than)."""
+        found = self.session.memory_cache.best(prompt, better_than)
+        for saved in self.pinned:
+            shared = common_prefix(saved.tokens, prompt)
+            if shared > (found[1] if found else better_than):
+                found = (saved, shared)
+        return found
 
     def _step(self) -> None:
         """Decoding slots' next tokens, then prompt chunks as far as the step's token budget goes."""
