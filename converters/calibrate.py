@@ -1,11 +1,15 @@
 """Activation statistics on calibration text, from the one reference forward pass."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .checkpoint import Checkpoint, ModelConfig
+from .heap import retain_freed_memory
 from .reference import Dims, ImatrixCollector, embed, head, layer
 
 
@@ -29,27 +33,37 @@ def weight_getter(ckpt: Checkpoint) -> Callable[[str], np.ndarray | None]:
     return get
 
 
-def compute_imatrix(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 512,
+def compute_imatrix(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 512, threads: int | None = None,
                     progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """Mean squared input of every linear layer over `tokens`, keyed by GGUF tensor name.
 
     Layer-major: every chunk passes through layer i before layer i+1 loads, so only one layer's
     weights (plus the chunks' hidden states) are in memory, whatever the model's size.
+    Chunks run side by side on `threads` Python threads with single-threaded BLAS: numpy releases
+    the GIL in its kernels, so the softmax/SiLU/norm arithmetic (a third of the pass, single-threaded
+    otherwise) spreads over the cores too, and no BLAS thread pool spins between small matmuls.
     """
+    retain_freed_memory()
     dims = dims_of(ckpt.config)
-    collector = ImatrixCollector()
     starts = list(range(0, max(len(tokens) - 1, 1), chunk))
+    collectors = [ImatrixCollector() for _ in starts]   # one per chunk: no shared state between threads
     table = weight_getter(ckpt)      # the embedding is read once for every chunk, then dropped
     states = [embed(table, tokens[s:s + chunk]) for s in starts]
     del table
-    for i in range(dims.n_layer):
-        get = weight_getter(ckpt)     # a fresh cache per layer: the previous layer's weights are freed
-        states = [layer(dims, get, i, h, collector) for h in states]
-        if progress:
-            progress(i + 1, dims.n_layer + 1)
-    get = weight_getter(ckpt)
-    for h in states:
-        head(dims, get, h, collector, logits=False)
+    workers = max(1, min(threads or os.cpu_count() or 1, len(states)))
+    with ThreadPoolExecutor(workers) as pool, threadpool_limits(1 if workers > 1 else None, user_api="blas"):
+        for i in range(dims.n_layer):
+            get = weight_getter(ckpt)     # a fresh cache per layer: the previous layer's weights are freed
+            for name in ckpt.tensors.shapes:
+                if name.startswith(f"model.layers.{i}."):
+                    get(name)             # loaded here, once, before the threads read them
+            states = list(pool.map(lambda hc, i=i, get=get: layer(dims, get, i, *hc), zip(states, collectors)))
+            if progress:
+                progress(i + 1, dims.n_layer + 1)
+        get = weight_getter(ckpt)
+        for name in ("model.norm.weight",):
+            get(name)
+        list(pool.map(lambda hc: head(dims, get, *hc, logits=False), zip(states, collectors)))
     if progress:
         progress(dims.n_layer + 1, dims.n_layer + 1)
-    return collector.means()
+    return ImatrixCollector.merged(collectors)

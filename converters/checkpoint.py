@@ -174,6 +174,11 @@ def dequantize(raw: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[i
     temporaries (int32/uint64 intermediates), which would otherwise multiply peak memory.
     """
     out = np.empty(shape, np.float32)
+    if qtype == gguf.GGMLQuantizationType.BF16:   # exact widening, in place: 8x faster than gguf.quants' rows
+        bits = out.view(np.uint32)
+        bits[...] = raw.view(np.uint16).reshape(shape)
+        bits <<= 16
+        return out
     flat = out.reshape(-1, shape[-1])
     rows = raw.reshape(flat.shape[0], -1)
     step = max(1, _CHUNK // shape[-1])
@@ -203,6 +208,14 @@ class TensorSource:
     shapes: dict[str, tuple[int, ...]]
     load: Callable[[str], np.ndarray]
     dtypes: dict[str, str] = field(default_factory=dict)   # what the source stores ('BF16', 'Q4_1', ...)
+    # the stored bits of a BF16 (uint16) or F16 tensor, unconverted: lets a writer copy them through
+    raw16: Callable[[str], np.ndarray] | None = None
+
+    def stored_16bit(self) -> str | None:
+        """'BF16' or 'F16' when every 2-D tensor is stored so and can be read raw, else None."""
+        kinds = {self.dtypes.get(n) for n, s in self.shapes.items() if len(s) == 2}
+        kind = kinds.pop() if len(kinds) == 1 else None
+        return kind if self.raw16 is not None and kind in ("BF16", "F16") else None
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.shapes:

@@ -71,11 +71,18 @@ def write_gguf(ckpt: Checkpoint, dest: str | Path, out_type: str = "F32", *,
 
 
 def _prepare(ckpt: Checkpoint, hf_name: str, shape: tuple[int, ...], t: QT) -> np.ndarray:
-    """Load one tensor, permute q/k for llama.cpp's rope, convert to the output type."""
-    data = ckpt.tensors.load(hf_name)
+    """Load one tensor, permute q/k for llama.cpp's rope, convert to the output type.
+
+    A tensor already stored in the output's 16-bit type is copied bit for bit (no float32 round trip).
+    """
+    src = ckpt.tensors
+    same16 = t in (QT.BF16, QT.F16) and src.raw16 is not None and src.dtypes.get(hf_name) == t.name
+    data = src.raw16(hf_name) if same16 else src.load(hf_name)
     if tuple(data.shape) != tuple(shape):
         raise ConversionError(f"tensor {hf_name} has shape {list(data.shape)} but was declared {list(shape)}")
     data = llama_cpp_rope(ckpt.config, hf_name, data)
+    if same16:
+        return np.ascontiguousarray(data)
     if t == QT.BF16:
         return to_bf16(data)
     return np.ascontiguousarray(data, dtype=np.float32 if t == QT.F32 else np.float16)

@@ -44,11 +44,18 @@ def read_hf(path: str | Path) -> Checkpoint:
     def load(name: str) -> np.ndarray:
         file, dtype, shape, (start, end) = headers[name]
         raw = np.fromfile(file, dtype=np.uint8, count=end - start, offset=start)
-        if dtype == "BF16":  # numpy has no bfloat16: widen the raw bits with gguf's exact BF16 dequantizer
+        if dtype == "BF16":  # numpy has no bfloat16: widen the raw bits exactly to float32
             return dequantize(raw, gguf.GGMLQuantizationType.BF16, shape)
         return raw.view(np.float32 if dtype == "F32" else np.float16).reshape(shape)
 
-    tensors = TensorSource(expected, load, {n: headers[n][1] for n in expected})
+    def raw16(name: str) -> np.ndarray:
+        file, dtype, shape, (start, end) = headers[name]
+        if dtype not in ("BF16", "F16"):
+            raise ValueError(f"{name} is stored as {dtype}, not a 16-bit float")
+        raw = np.fromfile(file, dtype=np.uint8, count=end - start, offset=start)
+        return raw.view(np.uint16 if dtype == "BF16" else np.float16).reshape(shape)
+
+    tensors = TensorSource(expected, load, {n: headers[n][1] for n in expected}, raw16)
     return Checkpoint(config, tensors, read_hf_tokenizer(root, config.vocab_size), name=root.name)
 
 

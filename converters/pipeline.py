@@ -14,6 +14,7 @@ from edgellm.errors import UsageError
 
 from .calibrate import compute_imatrix
 from .evaluate import evaluate
+from .heap import retain_freed_memory
 from .quantize import QUANT_TYPES, ftype_of, quantize
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -72,6 +73,7 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
     """
     from edgellm import store
 
+    retain_freed_memory()   # every stage below allocates and frees per-tensor temporaries
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
     if to not in ("gguf", "hf"):
@@ -124,16 +126,17 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out, "work")))
     try:
         base = ref.path
-        if ref.kind != "gguf" or transform is not None:  # the quantizer reads GGUF: stage as F32 first
-            base = work / "f32.gguf"
+        if ref.kind != "gguf" or transform is not None:  # the quantizer reads GGUF: stage the weights first
+            kind = staging_type(ckpt, exact_reference=eval_text is not None)
+            base = work / f"{kind.lower()}.gguf"
             t = time.perf_counter()
-            write_gguf(ckpt, base, "F32", progress=_stage(progress, "stage F32"))
-            stages["stage_f32"] = time.perf_counter() - t
+            write_gguf(ckpt, base, kind, progress=_stage(progress, f"stage {kind}"))
+            stages["stage"] = time.perf_counter() - t
         im, tokens, rec = None, [], None
         if imatrix:
             t = time.perf_counter()
             tokens = calibration_tokens(base, calib_text, calib_tokens)
-            im = compute_imatrix(ckpt, tokens, progress=_stage(progress, "calibrate"))
+            im = compute_imatrix(ckpt, tokens, threads=threads, progress=_stage(progress, "calibrate"))
             stages["imatrix"] = time.perf_counter() - t
         if mixed:
             t = time.perf_counter()
@@ -157,6 +160,16 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
         shutil.rmtree(work, ignore_errors=True)
     return done("gguf", "mixed" if rec else quant, len(tokens), recipe=rec and rec.histogram(), evaluation=scores,
                 fallbacks=qr.fallbacks)
+
+
+def staging_type(ckpt, exact_reference: bool = False) -> str:
+    """GGUF type the quantizer's input is staged in: the source's own BF16/F16 bits where every matrix
+    has them (lossless, half of F32's bytes; llama.cpp widens them exactly before quantizing), else F32.
+
+    F32 when the staged file is also the reference that --eval scores against: llama.cpp computes
+    with 16-bit weights differently (activations rounded too), which would shift the reference logits.
+    """
+    return "F32" if exact_reference else ckpt.tensors.stored_16bit() or "F32"
 
 
 def size_recipe(ckpt, base: Path, imatrix, tokens: list[int], target_size: int | None, recipe, work: Path,

@@ -121,13 +121,23 @@ class ImatrixCollector:
         if self._last[0] is x:        # q/k/v (and gate/up) read the same rows: square them once
             sq = self._last[1]
         else:
-            sq = np.einsum("ij,ij->j", x, x, dtype=np.float64)
+            sq = np.einsum("ij,ij->j", x, x).astype(np.float64)   # a chunk in float32, the running sum in float64
             self._last = (x, sq)
         if name in self.sums:
             self.sums[name] += sq
-        else:
-            self.sums[name] = sq
+        else:   # a copy: q/k/v share `sq`, and an aliased sum would add every later chunk three times
+            self.sums[name] = sq.copy()
         self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+    @staticmethod
+    def merged(parts: list[ImatrixCollector]) -> dict[str, np.ndarray]:
+        """Means over several collectors' inputs (chunks collected on separate threads)."""
+        total = ImatrixCollector()
+        for part in parts:
+            for name, sq in part.sums.items():
+                total.sums[name] = total.sums[name] + sq if name in total.sums else sq.copy()
+                total.counts[name] = total.counts.get(name, 0) + part.counts[name]
+        return total.means()
 
     def means(self) -> dict[str, np.ndarray]:
         return {k: (v / self.counts[k]).astype(np.float32) for k, v in self.sums.items()}

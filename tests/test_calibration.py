@@ -49,3 +49,35 @@ def test_imatrix_changes_the_output_and_lowers_kld(f32_reference, tmp_path):
     kld_plain = evaluate(plain.path, ref, text, ctx=256, max_chunks=4).mean_kld
     kld_guided = evaluate(guided.path, ref, text, ctx=256, max_chunks=4).mean_kld
     assert kld_guided < 0.85 * kld_plain
+
+
+def test_imatrix_is_the_mean_square_of_each_layer_input(f32_reference):
+    """Chunked, threaded collection equals a direct mean over all positions (q/k/v share one input)."""
+    ckpt, _ = f32_reference
+    dims = dims_of(ckpt.config)
+    tokens = list(range(1000, 1200))
+    seen: dict[str, list[np.ndarray]] = {}
+    get = weight_getter(ckpt)
+    for s in range(0, 199, 64):                  # the chunks compute_imatrix makes with chunk=64
+        forward(dims, get, tokens[s:s + 64], hook=lambda n, x: seen.setdefault(n, []).append(x.copy()),
+                logits=False)
+    direct = {n: np.mean(np.concatenate(xs) ** 2, axis=0) for n, xs in seen.items()}
+    for threads in (1, 2):
+        im = compute_imatrix(ckpt, tokens, chunk=64, threads=threads)
+        assert set(im) == set(direct)
+        for name in ("blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.29.ffn_up.weight", "blk.3.ffn_down.weight",
+                     "token_embd.weight"):
+            np.testing.assert_allclose(im[name], direct[name], rtol=1e-4, err_msg=name)
+
+
+def test_imatrix_collector_counts_a_shared_input_once_per_layer():
+    from edgellm.converters.reference import ImatrixCollector
+    rng = np.random.default_rng(0)
+    chunks = [rng.standard_normal((8, 4), dtype=np.float32) for _ in range(3)]
+    c = ImatrixCollector()
+    for x in chunks:
+        for name in ("q", "k", "v"):       # q/k/v read the same rows (one array)
+            c(name, x)
+    expected = np.mean(np.concatenate(chunks) ** 2, axis=0)
+    for name, got in c.means().items():
+        np.testing.assert_allclose(got, expected, rtol=1e-5, err_msg=name)
