@@ -11,6 +11,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from edgellm.errors import UsageError
 
 from .checkpoint import Checkpoint
@@ -100,9 +102,11 @@ def mixed_options(ckpt: Checkpoint, ref: Path, imatrix: dict, *, calib_text: str
     from .pipeline import calibration_tokens
     from .sensitivity import fisher_diagonals
 
+    digest = _digest(imatrix)     # the candidates were quantized with this importance matrix
     if cache is not None and cache.exists() and cache.stat().st_mtime > Path(ref).stat().st_mtime:
         data = json.loads(cache.read_text())
-        return {n: [Option(*o) for o in v] for n, v in data["options"].items()}, data["overhead"], data["tokens"]
+        if data.get("imatrix") == digest:
+            return {n: [Option(*o) for o in v] for n, v in data["options"].items()}, data["overhead"], data["tokens"]
     tokens = calibration_tokens(ref, calib_text, calib_tokens)[:sens_tokens]
     fisher, n = fisher_diagonals(ckpt, tokens, threads=threads,
                                  progress=None if progress is None else lambda d, t: progress("sensitivity", d, t))
@@ -111,8 +115,17 @@ def mixed_options(ckpt: Checkpoint, ref: Path, imatrix: dict, *, calib_text: str
         f.unlink()
     if cache is not None:
         cache.write_text(json.dumps({"options": {k: [[o.type, o.bytes, o.cost] for o in v] for k, v in options.items()},
-                                     "overhead": overhead, "tokens": n}))
+                                     "overhead": overhead, "tokens": n, "imatrix": digest}))
     return options, overhead, n
+
+
+def _digest(imatrix: dict) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(imatrix):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(imatrix[name], np.float32).tobytes())
+    return h.hexdigest()
 
 
 def mixed_rows(ref: Path, sizes: Sequence[int], options, overhead: int, n_tokens: int, imatrix: dict, *,
