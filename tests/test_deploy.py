@@ -81,6 +81,7 @@ def test_unit_runs_edgellm_serve_with_the_bundle_settings(pi_bundle):
     assert opts["--port"] == str(pi_bundle.spec.port) and opts["--host"] == "127.0.0.1"
     assert opts["--ctx"] == str(N_CTX) and opts["--parallel"] == "4"
     assert opts["--system-state"] == f"{units.PREFIX}/current/state/system.kv"
+    assert opts["--system"] == SYSTEM_PROMPT
     assert SYSTEM_PROMPT in (pi_bundle.path / "README.md").read_text()
     assert unit["User"] == ["edgellm"] and unit["Restart"] == ["on-failure"]
     assert unit["WantedBy"] == ["multi-user.target"]

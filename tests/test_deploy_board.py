@@ -65,11 +65,15 @@ def _wait_port(port: int, proc: subprocess.Popen, deadline_s: float) -> None:
     raise AssertionError(f"nothing listens on {port} after {deadline_s:.0f} s")
 
 
-def _ask(port: int, timeout: float) -> str:
+def _chat(port: int, timeout: float) -> dict:
     model = _http(port, "/v1/models")["data"][0]["id"]
     body = {"model": model, "temperature": 0, "max_tokens": MAX_TOKENS,
             "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": QUESTION}]}
-    return _http(port, "/v1/chat/completions", body, timeout=timeout)["choices"][0]["message"]["content"]
+    return _http(port, "/v1/chat/completions", body, timeout=timeout)
+
+
+def _ask(port: int, timeout: float) -> str:
+    return _chat(port, timeout)["choices"][0]["message"]["content"]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -142,8 +146,10 @@ def test_bundle_installs_serves_and_answers_on_an_emulated_pi(board, pi_bundle):
     try:
         startup_s = _wait_health(spec.port, service, 300)
         t0 = time.monotonic()
-        answer = _ask(spec.port, 300)
+        reply = _chat(spec.port, 300)
         answer_s = time.monotonic() - t0
+        answer = reply["choices"][0]["message"]["content"]
+        shipped = _http(spec.port, "/health")["system_state_tokens"]
         health = eb.run(root, ["/bin/bash", f"{bundle}/healthcheck.sh", "30"], timeout=120)
     finally:
         _stop(service)
@@ -151,6 +157,8 @@ def test_bundle_installs_serves_and_answers_on_an_emulated_pi(board, pi_bundle):
           f"service up in {startup_s:.0f} s, answer in {answer_s:.0f} s: {answer!r} (x86: {expected!r})")
     assert answer.strip() and answer == expected
     assert "Paris" in answer
+    # the shipped system-prompt state was restored, not evaluated, on the board
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == shipped > 0
     assert health.returncode == 0 and "ok" in health.stdout, health.stdout + health.stderr
 
     # The worker side of multi-device RPC (what `deploy rpi --rpc-worker` installs) on the board, driven by an

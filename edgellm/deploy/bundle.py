@@ -176,7 +176,8 @@ def _write_unit(tmp: Path, spec: BundleSpec, board, model_path: Path | None, env
         service = "edgellm"
         text = units.server_unit(model_path.name, host=spec.host, port=spec.port, n_ctx=spec.n_ctx,
                                  kv_type=spec.kv_type, threads=board.cores, parallel=spec.parallel,
-                                 prompt_state=STATE_NAME if spec.system_prompt else None)
+                                 prompt_state=STATE_NAME if spec.system_prompt else None,
+                                 system=spec.system_prompt)
         env |= {"SERVICE": service, "SERVICE_KIND": "server", "PORT": spec.port}
     (tmp / "systemd" / f"{service}.service").write_text(text)
     return service

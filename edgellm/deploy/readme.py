@@ -38,8 +38,9 @@ def bundle_readme(spec, board, service: str, manifest: dict) -> str:
             "```",
         ]
     if spec.system_prompt:
-        lines += ["", "The KV state of this system prompt ships in state/ and is given to the service",
-                  "(--system-state) for requests whose first message is exactly this system message:", "",
+        lines += ["", "Chat requests without a system message get this one (--system); its KV state ships in",
+                  "state/ (--system-state), so the service restores it instead of evaluating it for every",
+                  "conversation that starts with it (`usage.prompt_tokens_details.cached_tokens`):", "",
                   f"> {spec.system_prompt}"]
     if spec.host in ("127.0.0.1", "localhost", "::1"):
         lines += ["", "The service listens on loopback only; rebuild the bundle with --host 0.0.0.0 to reach it "

@@ -11,10 +11,12 @@ EXE = f"{PREFIX}/current/venv/bin/edgellm"
 
 
 def server_unit(model_file: str, *, host: str, port: int, n_ctx: int, kv_type: str, threads: int,
-                parallel: int, prompt_state: str | None = None) -> str:
+                parallel: int, prompt_state: str | None = None, system: str | None = None) -> str:
     """The unit that runs `edgellm serve` on the board (hardened: read-only system, own user)."""
     args = [EXE, "serve", f"{PREFIX}/models/{model_file}", "--host", host, "--port", str(port),
             "--ctx", str(n_ctx), "--kv-type", kv_type, "--parallel", str(parallel)]
+    if system is not None:  # for chat requests without a system message
+        args += ["--system", system]
     if prompt_state:
         args += ["--system-state", f"{PREFIX}/current/state/{prompt_state}"]
     return "\n".join([
