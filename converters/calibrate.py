@@ -9,7 +9,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .checkpoint import Checkpoint, ModelConfig
-from .heap import retain_freed_memory
+from .heap import retained_heap
 from .reference import Dims, ImatrixCollector, embed, head, layer
 
 
@@ -43,7 +43,6 @@ def compute_imatrix(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 512
     the GIL in its kernels, so the softmax/SiLU/norm arithmetic (a third of the pass, single-threaded
     otherwise) spreads over the cores too, and no BLAS thread pool spins between small matmuls.
     """
-    retain_freed_memory()
     dims = dims_of(ckpt.config)
     starts = list(range(0, max(len(tokens) - 1, 1), chunk))
     collectors = [ImatrixCollector() for _ in starts]   # one per chunk: no shared state between threads
@@ -51,7 +50,8 @@ def compute_imatrix(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 512
     states = [embed(table, tokens[s:s + chunk]) for s in starts]
     del table
     workers = max(1, min(threads or os.cpu_count() or 1, len(states)))
-    with ThreadPoolExecutor(workers) as pool, threadpool_limits(1 if workers > 1 else None, user_api="blas"):
+    with (ThreadPoolExecutor(workers) as pool, threadpool_limits(1 if workers > 1 else None, user_api="blas"),
+          retained_heap()):
         for i in range(dims.n_layer):
             get = weight_getter(ckpt)     # a fresh cache per layer: the previous layer's weights are freed
             for name in ckpt.tensors.shapes:

@@ -14,7 +14,6 @@ from edgellm.errors import UsageError
 
 from .calibrate import compute_imatrix
 from .evaluate import evaluate
-from .heap import retain_freed_memory
 from .quantize import QUANT_TYPES, ftype_of, quantize
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -73,7 +72,6 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
     """
     from edgellm import store
 
-    retain_freed_memory()   # every stage below allocates and frees per-tensor temporaries
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
     if to not in ("gguf", "hf"):
