@@ -119,7 +119,7 @@ def test_cli_refusal_is_one_line_with_exit_code(default_model_path, tmp_path, ca
         main(["deploy", "rpi", str(default_model_path), "--board", "pi9", "-o", str(tmp_path / "b")])
     assert e.value.code == UsageError.exit_code and "unknown board" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["deploy", "rpi", "--rpc-worker", "--system-prompt", "x", "-o", str(tmp_path / "b")])
+        main(["deploy", "rpi", "--rpc-worker", "--system", "x", "-o", str(tmp_path / "b")])
     assert e.value.code == 2
     assert not (tmp_path / "b").exists()
 

@@ -27,7 +27,7 @@ def command() -> None:
 @click.option("--tar", "make_tar", is_flag=True, help="Also write OUTPUT.tar.gz.")
 @click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context size of the service.")
 @click.option("--kv-type", default="f16", show_default=True, help="KV-cache type: f16, q8_0, q4_0, f32.")
-@click.option("--system-prompt", default=None,
+@click.option("--system", "--system-prompt", "system_prompt", default=None,
               help="Default system prompt; its KV state is precomputed and shipped.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the service listens on (0.0.0.0: the whole network).")
@@ -53,7 +53,7 @@ def rpi(model: str | None, board: str, output: Path, make_tar: bool, n_ctx: int,
     from ..rpc import DEFAULT_PORT
 
     if system_prompt is not None and rpc_worker:
-        raise click.UsageError("--system-prompt belongs to a server bundle, not an --rpc-worker one")
+        raise click.UsageError("--system belongs to a server bundle, not an --rpc-worker one")
     spec = BundleSpec(board=board, n_ctx=n_ctx, kv_type=kv_type, system_prompt=system_prompt, host=host,
                       port=port or (DEFAULT_PORT if rpc_worker else 8080), rpc_worker=rpc_worker, tar=make_tar)
     with _progress() as say:

@@ -3,7 +3,7 @@
 Layout (paths relative to the bundle directory):
     install.sh uninstall.sh healthcheck.sh common.sh README.md bundle.env manifest.json SHA256SUMS
     model/MODEL.gguf            the model (absent for an RPC worker: the client sends the layers)
-    state/system.kv             the system prompt's KV state (with --system-prompt)
+    state/system.kv             the system prompt's KV state (with --system)
     wheels/*.whl                edgellm, llama-cpp-python cross-built for the board's CPU, the deps, pip
     systemd/SERVICE.service     the unit install.sh puts in /etc/systemd/system
 """
