@@ -126,6 +126,29 @@ def nodes(p: dict[str, Path]) -> dict[str, Any]:
     return out
 
 
+def cpu_busy(seconds: float = 0.5) -> float:
+    """Fraction of all CPUs busy over `seconds` (/proc/stat; 0.0 where there is none)."""
+    def ticks() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    try:
+        a = ticks()
+        time.sleep(seconds)
+        d = [y - x for x, y in zip(a, ticks())]
+    except OSError:
+        return 0.0
+    return 1.0 - (d[3] + d[4]) / max(1, sum(d))
+
+
+def wait_idle(limit: float, max_wait: float) -> float:
+    """Wait (up to max_wait s) until other processes leave the CPUs at most `limit` busy; returns the last
+    busy fraction seen. On a shared machine a round timed under someone else's load measures the load."""
+    t0 = time.perf_counter()
+    while (busy := cpu_busy()) > limit and time.perf_counter() - t0 < max_wait:
+        pass
+    return busy
+
+
 class _GenaiDecoder:
     """onnxruntime-genai's own generator loop (the builder's intended runtime), greedy after a 1-token prompt."""
 
@@ -156,7 +179,7 @@ RATIOS = {"fused_vs_unfused_q4": ("fused_q4", "unfused_q4"), "fused_vs_unfused_f
 
 
 def speed(p: dict[str, Path], threads: int, rounds: int, n_gen: int,
-          names: tuple[str, ...] = RUNNERS) -> dict[str, Any]:
+          names: tuple[str, ...] = RUNNERS, idle: float | None = None) -> dict[str, Any]:
     """Decode tok/s, every runner once per round, the order reversed every other round; paired ratios."""
     from edgellm.bench import SpeedBench, paired_ratio
 
@@ -166,17 +189,20 @@ def speed(p: dict[str, Path], threads: int, rounds: int, n_gen: int,
     decoders = {k: _GenaiDecoder(p["builder"]) if paths[k] is None else
                 SpeedBench(paths[k], threads, n_prompt=32, n_gen=n_gen, anchor=False) for k in names}
     reps: dict[str, list[float]] = {k: [] for k in decoders}
+    busy: list[float] = []
     try:
         if "builder_in_genai" in decoders:
             decoders["builder_in_genai"].edgellm_tg(8)  # warm-up (SpeedBench warms itself up)
         for r in range(rounds):
-            _log(f"decode round {r + 1}/{rounds}")
+            busy.append(round(cpu_busy() if idle is None else wait_idle(idle, max_wait=120.0), 3))
+            _log(f"decode round {r + 1}/{rounds} (CPUs {busy[-1]:.0%} busy before it)")
             for k in list(decoders) if r % 2 == 0 else list(decoders)[::-1]:
+                time.sleep(0.2)  # the previous runner's onnxruntime workers spin on after its last step
                 reps[k].append(decoders[k].edgellm_tg(n_gen))
     finally:
         for d in decoders.values():
             d.close()
-    return {"tps": {k: statistics.median(v) for k, v in reps.items()}, "reps": reps,
+    return {"tps": {k: statistics.median(v) for k, v in reps.items()}, "reps": reps, "busy_before_round": busy,
             "ratios": {k: paired_ratio(reps[a], reps[b]) for k, (a, b) in RATIOS.items() if a in reps and b in reps}}
 
 
@@ -206,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated subset of parity,nodes,speed,quality (targets of the others are skipped)")
     ap.add_argument("--runners", default=",".join(RUNNERS),
                     help="decoders the speed part times, e.g. int4,builder_in_genai,builder_in_edgellm")
+    ap.add_argument("--wait-idle", type=float, default=None, metavar="FRACTION",
+                    help="before each decode round wait (≤ 2 min) until the CPUs are at most this busy, e.g. 0.1")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     names = tuple(args.runners.split(","))
@@ -216,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if "parity" in parts:
         _log("parity"), (par := parity(p, args.threads))
     nod = nodes(p) if "nodes" in parts else None
-    spd = speed(p, args.threads, args.rounds, args.gen, names) if "speed" in parts else None
+    spd = speed(p, args.threads, args.rounds, args.gen, names, args.wait_idle) if "speed" in parts else None
     qual = quality(p, args.threads, args.chunks) if "quality" in parts else None
     ratio = (spd or {}).get("ratios", {}).get
     figures = {

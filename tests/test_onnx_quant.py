@@ -87,6 +87,31 @@ def test_sampler_follows_its_settings():
     assert pen.sample(logits) == 2  # token 1 penalised below token 2
 
 
+def _full_chain(config: SamplerConfig, x: np.ndarray, rng: np.random.Generator) -> int:
+    """The sampler chain over the whole sorted vocabulary: the oracle for the pre-filtered one."""
+    ids = np.argsort(-x, kind="stable")[:config.top_k or None]
+    z = x[ids].astype(np.float64)
+    p = np.exp(z - z[0])
+    p /= p.sum()
+    keep = int(np.searchsorted(np.cumsum(p), config.top_p) + 1) if config.top_p < 1.0 else len(ids)
+    keep = min(keep, max(1, int((p >= config.min_p * p[0]).sum())))
+    z = z[:keep] / config.temperature
+    q = np.exp(z - z.max())
+    return int(ids[rng.choice(keep, p=q / q.sum())])
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(40, 0.95, 0.05), (0, 0.95, 0.05), (0, 0.9, 0.0), (0, 1.0, 0.0),
+                                               (300, 0.5, 0.0), (5000, 1.0, 0.1)])
+def test_sampler_draws_what_the_full_vocabulary_chain_draws(top_k, top_p, min_p):
+    """Sorting only the logits that can survive top-k/top-p/min-p changes no draw."""
+    config = SamplerConfig(temperature=0.8, top_k=top_k, top_p=top_p, min_p=min_p, seed=5)
+    gen, sampler, rng = np.random.default_rng(0), NumpySampler(config), np.random.default_rng(5)
+    for scale in (0.5, 2.0, 6.0):
+        for _ in range(10):
+            x = (gen.standard_normal(49152) * scale).astype(np.float32)
+            assert sampler.sample(x) == _full_chain(config, x, rng)
+
+
 @pytest.mark.parametrize("arch,tied,bias", [("llama", True, False), ("qwen2", False, True), ("llama", False, True)])
 def test_graphs_match_the_reference_forward_on_toy_models(arch, tied, bias):
     """Both flavours at float32 against converters.reference on random Llama/Qwen2-shaped weights
