@@ -79,6 +79,50 @@ def decode_speed(models: dict[str, Path], threads: int, reps: int, n_gen: int) -
     return {k: statistics.median(v) for k, v in runs.items()} | {"runs": runs}
 
 
+def compare(files: dict[str, Path], f32: Path, threads: int, reps: int) -> dict:
+    """Quality against the F32 teacher and interleaved decode speed of the quantized models."""
+    from edgellm.bench import paired_ratio
+
+    quality = evaluate_all({k: v for k, v in files.items() if k != "teacher_f32"}, f32, threads)
+    _log("decode speed")
+    speed = decode_speed({k: v for k, v in files.items() if k.endswith(("q4_k_m", "size"))}, threads, reps, 128)
+    paired = paired_ratio(speed["runs"]["student_q4_k_m"], speed["runs"]["teacher_q4_k_m"])
+    return {"quality": quality, "decode_tps": speed, "decode_speedup_q4_k_m": paired,
+            "decode_speedup_of_medians": speed["student_q4_k_m"] / speed["teacher_q4_k_m"]}
+
+
+def remeasure(args) -> None:
+    """Quality and speed again, from the files a full run left in --work, on whatever machine this is now."""
+    from edgellm.converters.pipeline import convert
+
+    res = json.loads(args.remeasure.read_text())
+    threads = pick_threads(args.threads)
+    os.environ["EDGELLM_THREADS"] = str(threads)
+    work, load_start = args.work, os.getloadavg()
+    files = {"distilled_f32": work / "student-distilled-f32.gguf", "student_q4_k_m": work / "student_q4_k_m.gguf",
+             "teacher_q4_k_m": work / "teacher_q4_k_m.gguf",
+             "teacher_same_size": work / f"teacher-{res['same_size_teacher_type'].lower()}.gguf",
+             "teacher_target_size": work / "teacher-target-size.gguf"}
+    f32 = work / "teacher-f32.gguf"
+    target = files["student_q4_k_m"].stat().st_size
+    _log(f"teacher --target-size {target} bytes (the student's Q4_K_M file)")
+    convert(str(f32), files["teacher_target_size"], quant="AUTO", target_size=target, threads=threads)
+    out = compare(files, f32, threads, args.reps)
+    teacher_ppl = out["quality"]["distilled_f32"]["teacher_perplexity"]
+    res["remeasured"] = {"threads": threads, "load_average_start": load_start, "load_average_end": os.getloadavg(),
+                         "teacher_target_size_bytes": files["teacher_target_size"].stat().st_size, **out}
+    res["targets"].update({
+        "ppl_ratio_distilled": out["quality"]["distilled_f32"]["perplexity"] / teacher_ppl,
+        "decode_speedup_q4_k_m": out["decode_speedup_q4_k_m"],
+        "decode_speedup_of_medians": out["decode_speedup_of_medians"],
+        "decode_ge_1.25x": out["decode_speedup_q4_k_m"] >= 1.25,
+        "student_q4_beats_same_size_teacher_kld": out["quality"]["student_q4_k_m"]["mean_kld"]
+        < min(out["quality"][k]["mean_kld"] for k in ("teacher_same_size", "teacher_target_size"))})
+    text = json.dumps(res, indent=2, default=str)
+    (args.out or args.remeasure).write_text(text + "\n")
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", default="100M")
@@ -89,12 +133,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--work", type=Path, default=OUT / "prune")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--remeasure", type=Path, default=None, metavar="JSON",
+                    help="re-measure quality and decode speed from an earlier run's files in --work (its JSON), "
+                         "adding the teacher converted with --target-size at the student's exact file size")
     args = ap.parse_args()
+    if args.remeasure:
+        return remeasure(args)
 
     import torch
 
     from edgellm import store
-    from edgellm.bench import paired_ratio
     from edgellm.converters.distill import DistillConfig, distill_model
     from edgellm.converters.gguf_source import read_gguf
     from edgellm.converters.gguf_writer import write_gguf
@@ -146,13 +194,10 @@ def main() -> None:
     same = min(sizes, key=lambda q: abs(sizes[q] - target))
     files["teacher_same_size"] = work / f"teacher-{same.lower()}.gguf"
 
-    quality = evaluate_all({k: files[k] for k in ("pruned_f32", "distilled_f32", "student_q4_k_m",
-                                                   "teacher_q4_k_m", "teacher_same_size")}, f32, threads)
-    _log("decode speed")
-    speed = decode_speed({k: files[k] for k in ("teacher_q4_k_m", "student_q4_k_m", "teacher_same_size")},
-                         threads, args.reps, 128)
+    out = compare({k: files[k] for k in ("pruned_f32", "distilled_f32", "student_q4_k_m", "teacher_q4_k_m",
+                                         "teacher_same_size")}, f32, threads, args.reps)
+    quality, speed, paired = out["quality"], out["decode_tps"], out["decode_speedup_q4_k_m"]
     teacher_ppl = quality["distilled_f32"]["teacher_perplexity"]
-    paired = paired_ratio(speed["runs"]["student_q4_k_m"], speed["runs"]["teacher_q4_k_m"])
     res = {
         "settings": {"budget": args.budget, "align": args.align, "minutes": args.minutes,
                      "gen_tokens": args.gen_tokens, "threads": threads, "loss": cfg.loss, "lr": cfg.lr},
@@ -170,7 +215,7 @@ def main() -> None:
             "ppl_ratio_distilled": quality["distilled_f32"]["perplexity"] / teacher_ppl,
             "ppl_le_1.15x": quality["distilled_f32"]["perplexity"] <= 1.15 * teacher_ppl,
             "decode_speedup_q4_k_m": paired,   # median of per-round ratios (edgellm.bench.paired_ratio)
-            "decode_speedup_of_medians": speed["student_q4_k_m"] / speed["teacher_q4_k_m"],
+            "decode_speedup_of_medians": out["decode_speedup_of_medians"],
             "decode_ge_1.25x": paired >= 1.25,
             "run_le_60_min": t_total <= 3600,
             "student_q4_beats_same_size_teacher_kld":
