@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import store
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, UsageError
 from .gguf_check import GGUFInfo, validate_gguf
 from .memplan import KV_BYTES, kv_cache_bytes  # noqa: F401 - re-exported: the planner owns the estimate
 from .runtimes.base import SamplerConfig
@@ -53,6 +53,12 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
 
     ref = store.resolve(model)
     if ref.kind == "onnx":
+        llama_only = [name for name, given in (("parallel", parallel != 1), ("rpc", bool(rpc)),
+                                               ("kv_type", kv_type != "f16"), ("flash_attn", bool(flash_attn)))
+                      if given]
+        if llama_only:   # onnxruntime runs one sequence with an f32 cache in its own graph: say so, don't ignore
+            raise UsageError(f"{', '.join(llama_only)}: llama.cpp options; {ref.path} is an ONNX model, which "
+                             "onnxruntime runs as one sequence with the graph's own KV cache")
         from .runtime_onnx import load_onnx
         return load_onnx(ref.path, device=device, n_ctx=n_ctx, threads=threads, check_memory=check_memory,
                          session_kw=dict(disk_cache=disk_cache, memory_cache_mb=memory_cache_mb,

@@ -230,6 +230,15 @@ def test_requested_provider_that_is_missing_is_an_error(onnx_dirs):
         _onnx_plan("android-pixel", "fused", CPU_ONLY, device="nnapi")
 
 
+def test_llama_cpp_only_options_are_refused_for_onnx(onnx_dirs):
+    from edgellm.errors import UsageError
+
+    for kw, name in ((dict(parallel=2), "parallel"), (dict(rpc="127.0.0.1:50052"), "rpc"),
+                     (dict(kv_type="q8_0"), "kv_type"), (dict(flash_attn=True), "flash_attn")):
+        with pytest.raises(UsageError, match=f"{name}: llama.cpp options; .* is an ONNX model"):
+            _load(onnx_dirs["fused"], **kw)
+
+
 def test_devices_reports_what_onnxruntime_really_runs(onnx_dirs):
     from click.testing import CliRunner
 
