@@ -61,8 +61,7 @@ def compute_imatrix(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 512
             if progress:
                 progress(i + 1, dims.n_layer + 1)
         get = weight_getter(ckpt)
-        for name in ("model.norm.weight",):
-            get(name)
+        get("model.norm.weight")          # loaded before the threads read it, as above
         list(pool.map(lambda hc: head(dims, get, *hc, logits=False), zip(states, collectors)))
     if progress:
         progress(dims.n_layer + 1, dims.n_layer + 1)
