@@ -78,7 +78,8 @@ def prepare(work: Path, threads: int, fresh: bool) -> dict[str, Path]:
     genai.write_text(json.dumps(cfg, indent=2))
     ckpt, weights = None, None
     for key, flavour, quant in (("fused_f32", "fused", "f32"), ("portable_f32", "portable", "f32"),
-                                ("int4", "fused", "int4"), ("fused_q4", "fused", "q4"), ("unfused_q4", "unfused", "q4")):
+                                ("int4", "fused", "int4"), ("int4_mixed", "fused", "int4-mixed"),
+                                ("fused_q4", "fused", "q4"), ("unfused_q4", "unfused", "q4")):
         p[key] = p.get(key) or work / key.replace("_", "-")
         if not p[key].exists():
             if ckpt is None:
@@ -172,11 +173,12 @@ class _GenaiDecoder:
         del self.model
 
 
-RUNNERS = ("fused_f32", "portable_f32", "fused_q4", "unfused_q4", "int4", "builder_in_edgellm", "builder_in_genai",
-           "llama_q4_0")
+RUNNERS = ("fused_f32", "portable_f32", "fused_q4", "unfused_q4", "int4", "int4_mixed", "builder_in_edgellm",
+           "builder_in_genai", "llama_q4_0")
 RATIOS = {"fused_vs_unfused_q4": ("fused_q4", "unfused_q4"), "fused_vs_unfused_f32": ("fused_f32", "portable_f32"),
           "int4_vs_builder_in_genai": ("int4", "builder_in_genai"),
-          "int4_vs_builder_same_loop": ("int4", "builder_in_edgellm"), "int4_vs_llama_q4_0": ("int4", "llama_q4_0")}
+          "int4_vs_builder_same_loop": ("int4", "builder_in_edgellm"), "int4_vs_llama_q4_0": ("int4", "llama_q4_0"),
+          "int4_mixed_vs_builder_in_genai": ("int4_mixed", "builder_in_genai")}
 
 
 def speed(p: dict[str, Path], threads: int, rounds: int, n_gen: int,
@@ -185,7 +187,7 @@ def speed(p: dict[str, Path], threads: int, rounds: int, n_gen: int,
     from edgellm.bench import SpeedBench, paired_ratio
 
     paths = {"fused_f32": p["fused_f32"], "portable_f32": p["portable_f32"], "fused_q4": p["fused_q4"],
-             "unfused_q4": p["unfused_q4"], "int4": p["int4"],
+             "unfused_q4": p["unfused_q4"], "int4": p["int4"], "int4_mixed": p["int4_mixed"],
              "builder_in_edgellm": p["builder"], "builder_in_genai": None, "llama_q4_0": p["q4_0"]}
     decoders = {k: _GenaiDecoder(p["builder"]) if paths[k] is None else
                 SpeedBench(paths[k], threads, n_prompt=32, n_gen=n_gen, anchor=False) for k in names}
@@ -212,7 +214,7 @@ def quality(p: dict[str, Path], threads: int, chunks: int) -> dict[str, Any]:
     from edgellm.texts import heldout_text
 
     out = {}
-    for key in ("int4", "builder", "q4_0"):
+    for key in ("int4", "int4_mixed", "builder", "q4_0"):
         _log(f"KLD of {key} to F32 on held-out text")
         r = evaluate(p[key], p["f32_gguf"], heldout_text(), ctx=512, threads=threads, max_chunks=chunks)
         out[key] = {"mean_kld": r.mean_kld, "p99_kld": r.p99_kld, "top1": r.top1_agreement, "ppl": r.perplexity,

@@ -35,7 +35,15 @@ def weight_getter(ckpt: Checkpoint) -> Callable[[str], np.ndarray | None]:
 
 def compute_imatrix(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 512, threads: int | None = None,
                     progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
-    """Mean squared input of every linear layer over `tokens`, keyed by GGUF tensor name.
+    """Mean squared input of every linear layer over `tokens`, keyed by GGUF tensor name."""
+    return input_statistics(ckpt, tokens, chunk=chunk, threads=threads, progress=progress)[0]
+
+
+def input_statistics(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 512, threads: int | None = None,
+                     gram: bool = False, progress: Callable[[int, int], None] | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The importance matrix and, with `gram`, the mean x xᵀ of every distinct linear-layer input
+    (keyed by the first GGUF tensor that reads it: attn_q, attn_output, ffn_gate, ffn_down, the head).
 
     Layer-major: every chunk passes through layer i before layer i+1 loads, so only one layer's
     weights (plus the chunks' hidden states) are in memory, whatever the model's size.
@@ -45,7 +53,8 @@ def compute_imatrix(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 512
     """
     dims = dims_of(ckpt.config)
     starts = list(range(0, max(len(tokens) - 1, 1), chunk))
-    collectors = [ImatrixCollector() for _ in starts]   # one per chunk: no shared state between threads
+    collectors = [ImatrixCollector(gram) for _ in starts]   # one per chunk: no shared state between threads
+    grams: dict[str, np.ndarray] = {}
     table = weight_getter(ckpt)      # the embedding is read once for every chunk, then dropped
     states = [embed(table, tokens[s:s + chunk]) for s in starts]
     del table
@@ -58,11 +67,18 @@ def compute_imatrix(ckpt: Checkpoint, tokens: Sequence[int], *, chunk: int = 512
                 if name.startswith(f"model.layers.{i}."):
                     get(name)             # loaded here, once, before the threads read them
             states = list(pool.map(lambda hc, i=i, get=get: layer(dims, get, i, *hc), zip(states, collectors)))
+            for c in collectors:
+                c.take_grams(grams)
             if progress:
                 progress(i + 1, dims.n_layer + 1)
         get = weight_getter(ckpt)
         get("model.norm.weight")          # loaded before the threads read it, as above
         list(pool.map(lambda hc: head(dims, get, *hc, logits=False), zip(states, collectors)))
+    for c in collectors:
+        c.take_grams(grams)
     if progress:
         progress(dims.n_layer + 1, dims.n_layer + 1)
-    return ImatrixCollector.merged(collectors)
+    rows = {name: sum(c.counts.get(name, 0) for c in collectors) for name in grams}
+    for name, g in grams.items():
+        g /= rows[name]
+    return ImatrixCollector.merged(collectors), grams

@@ -21,27 +21,33 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from edgellm.atomic import atomic_path
 from edgellm.errors import ConversionError, UsageError
 
 from .checkpoint import Checkpoint, gguf_tensor_names
 from .onnx_graph import WeightPlan, build_graph, fused_units, unit_weight
+from .gptq import gptq_blocks, inverse_factor
 from .onnx_quant import BitChoice, allocate_bits, quantize_blocks
 
 FLAVOURS = ("fused", "portable")
-QUANTS = {"fused": ("int4", "int8", "f32"), "portable": ("int8", "f16", "f32")}
+QUANTS = {"fused": ("int4", "int4-mixed", "int8", "f32"), "portable": ("int8", "f16", "f32")}
 DEFAULT_QUANT = {"fused": "int4", "portable": "f16"}
 CONFIG_FILE = "edgellm_onnx.json"
-# int4 size budget, bits per weight of the matrices: what 4-bit blocks of 32 with a float32 scale take
-# (onnxruntime-genai's int4). edgellm spends it on 4-bit blocks of 64 or 32 with zero points, and 8-bit
-# blocks, where the calibrated error says they matter most.
+# Block layouts per int4 recipe, the smallest first. 'int4': every matrix in 4-bit blocks of 64 with GPTQ
+# error compensation — onnxruntime's fastest MatMulNBits kernel here (8-bit blocks run 1.6x slower per
+# matrix, 4-bit/32 1.15x; benchmarks/onnx_bench.py). 'int4-mixed': the allocator spends INT4_BUDGET_BPW
+# (what the builder's 4-bit blocks of 32 with a float32 scale take) on 4-bit/32 and 8-bit blocks where
+# the calibrated error says they matter most: better KLD, slower decode.
+INT4_LAYOUTS = {"int4": (BitChoice(4, 64),),
+                "int4-mixed": (BitChoice(4, 64), BitChoice(4, 32), BitChoice(8, 64))}
 INT4_BUDGET_BPW = 5.0
-LAYOUTS = (BitChoice(4, 64), BitChoice(4, 32), BitChoice(8, 64))   # the smallest first
-HIGH8 = LAYOUTS[2]
+HIGH8 = BitChoice(8, 64)
 # what ranks the units for the allocation: 'imatrix' (measured: KLD 0.208 vs the builder's 0.374 at equal
 # size) or 'fisher' (converters.sensitivity, second-order KLD; needs torch; not yet measured against it)
 SENSITIVITY = "imatrix"
+GRAM_LIMIT = 2 << 30          # float32 Gram matrices (400 MB for SmolLM2-135M, 3.9 GB for a 1.1B Llama)
 Progress = Callable[[str, int, int], None]
 
 
@@ -79,7 +85,7 @@ def export_onnx(ckpt: Checkpoint, dest: str | Path, *, flavour: str = "fused", q
     weight = weights or weight_getter(ckpt)
     plan = WeightPlan(portable_dtype=quant if flavour == "portable" else "f32")
     calib = calibration
-    if flavour == "fused" and quant == "int4":
+    if flavour == "fused" and quant in INT4_LAYOUTS:
         if sensitivity not in ("fisher", "imatrix"):
             raise UsageError(f"sensitivity must be fisher or imatrix, not {sensitivity!r}")
         if sensitivity == "fisher" and importlib.util.find_spec("torch") is None:
@@ -87,7 +93,7 @@ def export_onnx(ckpt: Checkpoint, dest: str | Path, *, flavour: str = "fused", q
         if calib is None and imatrix:
             calib = calibrate_units(ckpt, calib_text, calib_tokens, fisher=sensitivity == "fisher", progress=progress)
         plan.importance = calib.importance if calib else {}
-        plan.bits, plan.quantized = choose_bits(ckpt, weight, calib, budget_bpw, progress)
+        plan.bits, plan.quantized = choose_bits(ckpt, weight, calib, INT4_LAYOUTS[quant], budget_bpw, progress)
     elif flavour == "fused" and quant == "int8":
         plan.bits = {tag: HIGH8 for tag in fused_units(ckpt.config)}
     n_tok = calib.n_tokens if calib else 0
@@ -133,26 +139,38 @@ class Calibration:
     importance: dict[str, np.ndarray]
     fisher: dict[str, np.ndarray] | None
     n_tokens: int
+    gram: dict[str, np.ndarray] = field(default_factory=dict)   # per unit: mean x xᵀ of its input (GPTQ)
+
+
+def gram_bytes(ckpt: Checkpoint) -> int:
+    """What the Gram matrices of every distinct linear input take in float32."""
+    c = ckpt.config
+    return 4 * (c.num_hidden_layers * (3 * c.hidden_size ** 2 + c.intermediate_size ** 2) + c.hidden_size ** 2)
 
 
 def calibrate_units(ckpt: Checkpoint, text: str | None, max_tokens: int, *, fisher: bool = True,
-                    progress: Progress | None = None) -> Calibration:
+                    gram: bool = True, progress: Progress | None = None) -> Calibration:
+    """`gram`: also collect each unit input's Gram matrix for GPTQ, unless they would take more than
+    GRAM_LIMIT bytes (then the blocks are rounded with the importance matrix alone)."""
     from edgellm.texts import calibration_text
 
-    from .calibrate import compute_imatrix
+    from .calibrate import input_statistics
 
     tokens = tokenizer_of(ckpt).encode(text if text is not None else calibration_text()).ids[:max_tokens]
     if len(tokens) < 64:
         raise UsageError(f"the calibration text has only {len(tokens)} tokens; give at least a few hundred (--calib)")
-    im = compute_imatrix(ckpt, tokens, progress=_stage(progress, "calibrate"))
+    gram = gram and gram_bytes(ckpt) <= GRAM_LIMIT
+    im, grams = input_statistics(ckpt, tokens, gram=gram, progress=_stage(progress, "calibrate"))
     to_gguf = gguf_tensor_names(ckpt.config)
     head = "token_embd.weight" if ckpt.config.tie_word_embeddings else "output.weight"
     units = fused_units(ckpt.config)
-    importance = {}
+    importance, unit_grams = {}, {}
     for tag, names in units.items():
         key = head if tag == "lm_head" else to_gguf[names[0]]
         if key in im and tag != "model.embed_tokens":
             importance[tag] = im[key]
+        if key in grams:
+            unit_grams[tag] = grams[key]
     per_unit = None
     if fisher:
         from .sensitivity import fisher_diagonals
@@ -160,12 +178,13 @@ def calibrate_units(ckpt: Checkpoint, text: str | None, max_tokens: int, *, fish
         diag, _ = fisher_diagonals(ckpt, tokens, progress=_stage(progress, "sensitivity"))
         per_unit = {tag: np.concatenate([diag[n] for n in names]) if len(names) > 1 else diag[names[0]]
                     for tag, names in units.items()}
-    return Calibration(importance, per_unit, len(tokens))
+    return Calibration(importance, per_unit, len(tokens), unit_grams)
 
 
 def choose_bits(ckpt: Checkpoint, weight: Callable[[str], np.ndarray], calib: Calibration | None,
-                budget_bpw: float, progress: Progress | None = None):
-    """Each unit quantized in every layout of LAYOUTS; the allocator then picks a layout per unit within
+                layouts: tuple[BitChoice, ...], budget_bpw: float, progress: Progress | None = None):
+    """Each unit quantized in every one of `layouts` (GPTQ where calibration has its Gram matrix,
+    else importance-weighted rounding); the allocator then picks a layout per unit within
     `budget_bpw` bits per weight by the error each removes: ½ Σ F·δ² (the second-order rise of the KL
     divergence) with a Fisher diagonal, else the importance-weighted Σ imp·δ². Returns the choice and
     the chosen blocks."""
@@ -176,18 +195,27 @@ def choose_bits(ckpt: Checkpoint, weight: Callable[[str], np.ndarray], calib: Ca
     report = _stage(progress, "quantize")
     importance = calib.importance if calib else {}
     fisher = calib.fisher if calib else None
+    grams = calib.gram if calib else {}
 
     def layouts_of(tag: str):
         w = unit_weight(weight, units[tag])
-        layouts = LAYOUTS[:1] if tag == "model.embed_tokens" else LAYOUTS  # a lookup table: no matmul error
-        opts = {c: quantize_blocks(w, c.bits, c.block, importance.get(tag)) for c in layouts}
+        choices = layouts[:1] if tag == "model.embed_tokens" else layouts  # a lookup table: no matmul error
+        if tag in grams:
+            factor = inverse_factor(grams[tag])
+            opts = {c: gptq_blocks(w, grams[tag], c.bits, c.block, factor=factor) for c in choices}
+        else:
+            opts = {c: quantize_blocks(w, c.bits, c.block, importance.get(tag)) for c in choices}
         if fisher is None:
             return w.shape, opts, {c: q.weighted_error for c, q in opts.items()}
         return w.shape, opts, {c: 0.5 * float((fisher[tag] * (q.dequantize() - w) ** 2).sum()) for c, q in opts.items()}
 
     shapes, options, errors = {}, {}, {}
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # numpy releases the GIL here
-        for i, (tag, (shape, opts, errs)) in enumerate(zip(units, pool.map(layouts_of, units))):
+    # numpy releases the GIL here; BLAS stays single-threaded under the unit threads (no oversubscription),
+    # and the largest units start first so that lm_head does not run alone at the end
+    order = sorted(units, key=lambda t: -sum(int(np.prod(ckpt.tensors.shapes[n])) for n in units[t]))
+    with (ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool,
+          threadpool_limits(1, user_api="blas")):
+        for i, (tag, (shape, opts, errs)) in enumerate(zip(order, pool.map(layouts_of, order))):
             shapes[tag], options[tag], errors[tag] = shape, opts, errs
             if report:
                 report(i + 1, len(units))

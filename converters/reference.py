@@ -110,11 +110,14 @@ def head(dims: Dims, weight: Callable[[str], np.ndarray | None], h: np.ndarray, 
 
 
 class ImatrixCollector:
-    """Mean of squared inputs per column of every linear layer: llama.cpp's importance matrix."""
+    """Mean of squared inputs per column of every linear layer: llama.cpp's importance matrix.
+    With `gram`, also the sum of x xᵀ per distinct input (q/k/v and gate/up share one, keyed by the
+    first name that read it), for error-compensating quantization (converters.gptq)."""
 
-    def __init__(self) -> None:
+    def __init__(self, gram: bool = False) -> None:
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
+        self.grams: dict[str, np.ndarray] | None = {} if gram else None
         self._last: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
 
     def __call__(self, name: str, x: np.ndarray) -> None:
@@ -123,11 +126,21 @@ class ImatrixCollector:
         else:
             sq = np.einsum("ij,ij->j", x, x).astype(np.float64)   # a chunk in float32, the running sum in float64
             self._last = (x, sq)
+            if self.grams is not None:
+                g = x.T @ x
+                self.grams[name] = self.grams[name] + g if name in self.grams else g
         if name in self.sums:
             self.sums[name] += sq
         else:   # a copy: q/k/v share `sq`, and an aliased sum would add every later chunk three times
             self.sums[name] = sq.copy()
         self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+    def take_grams(self, into: dict[str, np.ndarray]) -> None:
+        """Add this collector's Gram sums into `into` and drop them (bounds memory to one total)."""
+        for name, g in (self.grams or {}).items():
+            into[name] = into[name] + g if name in into else g
+        if self.grams is not None:
+            self.grams = {}
 
     @staticmethod
     def merged(parts: list[ImatrixCollector]) -> dict[str, np.ndarray]:

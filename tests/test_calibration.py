@@ -70,6 +70,27 @@ def test_imatrix_is_the_mean_square_of_each_layer_input(f32_reference):
             np.testing.assert_allclose(im[name], direct[name], rtol=1e-4, err_msg=name)
 
 
+def test_gram_matrices_are_the_mean_outer_product_of_each_distinct_input(f32_reference):
+    """GPTQ's statistics: one Gram per distinct input (q/k/v share attn_q's), equal to a direct mean."""
+    from edgellm.converters.calibrate import input_statistics
+
+    ckpt, _ = f32_reference
+    tokens = list(range(2000, 2150))
+    seen: dict[str, list[np.ndarray]] = {}
+    for s in range(0, 149, 64):
+        forward(dims_of(ckpt.config), weight_getter(ckpt), tokens[s:s + 64],
+                hook=lambda n, x: seen.setdefault(n, []).append(x.copy()), logits=False)
+    im, grams = input_statistics(ckpt, tokens, chunk=64, threads=2, gram=True)
+    assert "blk.4.attn_q.weight" in grams and "blk.4.attn_k.weight" not in grams and "blk.4.ffn_up.weight" not in grams
+    assert len(grams) == 4 * ckpt.config.num_hidden_layers + 1
+    for name in ("blk.4.attn_q.weight", "blk.4.attn_output.weight", "blk.11.ffn_gate.weight", "blk.29.ffn_down.weight",
+                 "token_embd.weight"):
+        x = np.concatenate(seen[name])
+        np.testing.assert_allclose(grams[name], x.T @ x / len(x), rtol=2e-3, atol=1e-5 * np.abs(x).max() ** 2,
+                                   err_msg=name)
+        np.testing.assert_allclose(np.diag(grams[name]), im[name], rtol=2e-3, err_msg=name)
+
+
 def test_imatrix_collector_counts_a_shared_input_once_per_layer():
     from edgellm.converters.reference import ImatrixCollector
     rng = np.random.default_rng(0)

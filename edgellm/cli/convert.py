@@ -26,7 +26,7 @@ from .shrink_options import shrink_options, shrink_transform
 @click.option("--eval", "do_eval", is_flag=True,
               help="Score the result against its source on held-out text (mean/p99 KLD, PPL, top-1).")
 @click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True,
-              help="gguf (llama.cpp), or onnx: a directory for onnxruntime (--quant int4 int8 f16 f32 auto).")
+              help="gguf (llama.cpp), or onnx: a directory for onnxruntime (--quant int4 int4-mixed int8 f16 f32 auto).")
 @click.option("--flavour", type=click.Choice(["fused", "portable"]), default="fused", show_default=True,
               help="ONNX graph: fused (onnxruntime contrib ops; CPU/XNNPACK) or portable (standard ops; NNAPI).")
 @click.option("--to", "to", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True,

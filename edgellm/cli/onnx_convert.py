@@ -30,7 +30,7 @@ def convert_onnx_cli(ctx: click.Context, source: str, output: Path, quant: str, 
         emit_json({**res.to_dict(), "settings": settings})
         return
     eight = sum(1 for b in res.bits.values() if b == 8)
-    mix = f", {eight} of {len(res.bits)} matrices 8-bit" if res.bits and res.quant == "int4" else ""
+    mix = f", {eight} of {len(res.bits)} matrices 8-bit" if res.bits and res.quant == "int4-mixed" else ""
     err.print(f"{source} → {res.output}: {human_bytes(res.bytes)}, {res.flavour} graph of {res.nodes} nodes, "
               f"{res.quant}{mix}, {res.seconds:.1f} s")
     err.print("[dim]settings: " + " ".join(f"{k}={v}" for k, v in settings.items())
