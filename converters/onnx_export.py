@@ -63,6 +63,7 @@ class OnnxExport:
     imatrix_tokens: int = 0
     bits: dict[str, int] = field(default_factory=dict)   # unit tag -> bits (fused, quantized)
     sensitivity: str | None = None                       # what ranked the units: 'fisher' | 'imatrix'
+    rounding: str | None = None                          # how int4 blocks were rounded: 'gptq' | 'imatrix' | 'plain'
 
     def to_dict(self) -> dict:
         return {**asdict(self), "bits_per_weight": round(8 * self.bytes / max(self.n_params, 1), 3)}
@@ -103,7 +104,9 @@ def export_onnx(ckpt: Checkpoint, dest: str | Path, *, flavour: str = "fused", q
     size = sum(p.stat().st_size for p in dest.glob("model.onnx*"))   # the model; the tokenizer comes on top
     return OnnxExport(str(dest), flavour, quant, size, ckpt.tensors.n_params(), time.perf_counter() - t0,
                       len(model.graph.node), n_tok, {t: b.bits for t, b in plan.bits.items()},
-                      ("fisher" if calib.fisher else "imatrix") if calib else None)
+                      ("fisher" if calib.fisher else "imatrix") if calib else None,
+                      None if not plan.bits or quant not in INT4_LAYOUTS else
+                      "gptq" if calib and calib.gram else "imatrix" if calib else "plain")
 
 
 def write_onnx_dir(ckpt: Checkpoint, model, dest: Path, flavour: str, quant: str) -> None:

@@ -64,6 +64,7 @@ def test_int4_recipes_export_and_run_on_a_tiny_model(tmp_path):
     layouts = {}
     for quant in ("int4", "int4-mixed"):
         res = export_onnx(ckpt, tmp_path / quant, quant=quant, calib_text=TEXT, calib_tokens=512)
+        assert res.rounding == "gptq"
         info = inspect_onnx(tmp_path / quant)
         layouts[quant] = {k for k in info["weight_bytes_by_kind"] if "blocks" in k}
         blocks = sum(v for k, v in info["weight_bytes_by_kind"].items() if "blocks" in k)

@@ -24,7 +24,7 @@ def convert_onnx_cli(ctx: click.Context, source: str, output: Path, quant: str, 
         res = convert_to_onnx(source, output, flavour=flavour, quant=quant, calib_text=text,
                               calib_tokens=calib_tokens, imatrix=not no_imatrix, progress=report)
     settings = {"format": "onnx", "flavour": res.flavour, "quant": res.quant, "imatrix": not no_imatrix,
-                "sensitivity": res.sensitivity, "calib": str(calib) if calib else "built-in",
+                "sensitivity": res.sensitivity, "rounding": res.rounding, "calib": str(calib) if calib else "built-in",
                 "calib_tokens": calib_tokens}
     if as_json:
         emit_json({**res.to_dict(), "settings": settings})
