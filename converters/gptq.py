@@ -10,8 +10,6 @@ already-compensated columns.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from .onnx_quant import QuantTensor, pack, quantize_blocks, unpack
@@ -31,23 +29,22 @@ def inverse_factor(gram: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np
 
 def _rows(w: np.ndarray, u: np.ndarray, diag: np.ndarray, bits: int, block: int
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GPTQ over a slice of rows (rows are independent given H): integers, scales, zero points."""
+    """GPTQ over a slice of rows (rows are independent given H): integers, scales, zero points.
+    Per-column updates stay inside the current block; the rest of the row gets one matmul per block."""
     n, k = w.shape
     nb, qmax = -(-k // block), (1 << bits) - 1
-    lazy = block     # per-column updates stay inside the block; the rest of the row gets one matmul per block
     q = np.zeros((n, nb * block), np.uint8)
     scales, zps = np.empty((n, nb), np.float32), np.empty((n, nb), np.float32)
     w = w.copy()
-    for i1 in range(0, k, lazy):
-        i2 = min(i1 + lazy, k)
+    for g in range(nb):
+        i1, i2 = g * block, min(g * block + block, k)
         w1, e1 = w[:, i1:i2].copy(), np.empty((n, i2 - i1), np.float32)
+        # the block's range is searched on its columns as compensated so far
+        qt = quantize_blocks(w1, bits, block, diag[i1:i2])
+        s, z = qt.scales[:, 0], unpack(qt.zero_points, bits)[:, 0].astype(np.float32)
+        scales[:, g], zps[:, g] = s, z
         for j in range(i2 - i1):
             c = i1 + j
-            if c % block == 0:   # a new block: its range is searched on the columns as compensated so far
-                g = c // block
-                qt = quantize_blocks(w1[:, j:j + block], bits, block, diag[c:c + block])
-                scales[:, g], zps[:, g] = qt.scales[:, 0], unpack(qt.zero_points, bits)[:, 0]
-                s, z = scales[:, g], zps[:, g]
             col = w1[:, j]
             qc = np.clip(np.rint(col / s) + z, 0, qmax)
             q[:, c] = qc
@@ -59,19 +56,16 @@ def _rows(w: np.ndarray, u: np.ndarray, diag: np.ndarray, bits: int, block: int
 
 
 def gptq_blocks(w: np.ndarray, gram: np.ndarray, bits: int, block: int, *,
-                factor: tuple[np.ndarray, np.ndarray] | None = None, rows: int = 2048, threads: int = 1
-                ) -> QuantTensor:
+                factor: tuple[np.ndarray, np.ndarray] | None = None, rows: int = 2048) -> QuantTensor:
     """Asymmetric `bits`-bit blocks of w [N, K] (HF layout) that minimise the output error tr(E H Eᵀ);
     `gram` is H [K, K]. weighted_error holds that output error, comparable with onnx_quant's Σ imp·δ²
-    (the diagonal of H is the importance matrix)."""
+    (the diagonal of H is the importance matrix). Rows go in chunks of `rows` (lm_head is 49k × 576)."""
     n, k = w.shape
     u, dead = factor if factor is not None else inverse_factor(gram)
     w = np.array(w, np.float32)
     w[:, dead] = 0.0
     diag = np.diag(gram).astype(np.float32) + 1e-8 * max(float(np.diag(gram).mean()), 1e-12)
-    starts = range(0, n, rows)
-    with ThreadPoolExecutor(max(1, min(len(starts), threads))) as pool:   # numpy releases the GIL here
-        parts = list(pool.map(lambda r: _rows(w[r:r + rows], u, diag, bits, block), starts))
+    parts = [_rows(w[r:r + rows], u, diag, bits, block) for r in range(0, n, rows)]
     q = np.concatenate([p[0] for p in parts])
     scales, zps = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
     nb = scales.shape[1]

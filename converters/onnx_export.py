@@ -27,8 +27,8 @@ from edgellm.atomic import atomic_path
 from edgellm.errors import ConversionError, UsageError
 
 from .checkpoint import Checkpoint, gguf_tensor_names
-from .onnx_graph import WeightPlan, build_graph, fused_units, unit_weight
 from .gptq import gptq_blocks, inverse_factor
+from .onnx_graph import WeightPlan, build_graph, fused_units, unit_weight
 from .onnx_quant import BitChoice, allocate_bits, quantize_blocks
 
 FLAVOURS = ("fused", "portable")
