@@ -104,6 +104,19 @@ class GraphBuilder:
         return self.op(op_type, inputs, **kw)[0]
 
 
+def gather_blocks(g: GraphBuilder, qt: QuantTensor, names: list[str] | tuple[str, ...]) -> str:
+    """Embedding rows of `input_ids` straight from MatMulNBits blocks (a tied table shares lm_head's)."""
+    data, scales, zps = names
+    rows = g.one("Reshape", [data, g.const("embed_rows", np.array([qt.n, -1], np.int64))])
+    out = g.one("GatherBlockQuantized", [rows, "input_ids", scales, zps], domain=MS,
+                bits=qt.bits, block_size=qt.block, gather_axis=0, quantize_axis=1)
+    if qt.k % qt.block:  # rows come back padded to whole blocks: cut them to the hidden size
+        out = g.one("Slice", [out, g.const("embed_k0", np.array([0], np.int64)),
+                              g.const("embed_k", np.array([qt.k], np.int64)),
+                              g.const("embed_kaxis", np.array([-1], np.int64))])
+    return out
+
+
 def rope_tables(config: ModelConfig, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [n_pos, head_dim/2] of HF's rotate-half rope (same float64 angles as reference.py)."""
     d = config.head_dim
@@ -199,10 +212,8 @@ class _Fused(_Common):
         if tag not in self.plan.bits:
             self.embed_f32 = g.const("model.embed_tokens.weight", self.w("model.embed_tokens.weight"))
             return g.one("Gather", [self.embed_f32, "input_ids"], axis=0)
-        qt, (data, scales, zps) = self.quantized(tag)  # a tied table shares lm_head's blocks
-        rows = g.one("Reshape", [data, g.const(f"{tag}.rows", np.array([qt.n, -1], np.int64))])
-        return g.one("GatherBlockQuantized", [rows, "input_ids", scales, zps], domain=MS,
-                     bits=qt.bits, block_size=qt.block, gather_axis=0, quantize_axis=1)
+        qt, names = self.quantized(tag)  # a tied table shares lm_head's blocks
+        return gather_blocks(g, qt, names)
 
     def quantized(self, tag: str) -> tuple[QuantTensor, tuple[str, str, str]]:
         """The tag's blocks (quantized on first use unless the exporter did) and their initializer names."""
@@ -322,10 +333,7 @@ class _Portable(_Common):
     def embedding(self) -> str:
         g = self.g
         if self.plan.unfused_bits is not None and self.tied:  # as the fused graph: lm_head's blocks
-            qt, (data, scales, zps) = self.blocks(self.head_weight())
-            rows = g.one("Reshape", [data, g.const("head_rows", np.array([qt.n, -1], np.int64))])
-            return g.one("GatherBlockQuantized", [rows, "input_ids", scales, zps], domain=MS, bits=qt.bits,
-                         block_size=qt.block, gather_axis=0, quantize_axis=1)
+            return gather_blocks(g, *self.blocks(self.head_weight()))
         if isinstance(self.embed, str):
             return g.one("Gather", [self.embed, "input_ids"], axis=0)
         q, scale = self.embed  # gather int8 rows and their scales, then scale: no full-table dequantize

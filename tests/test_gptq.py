@@ -73,3 +73,22 @@ def test_int4_recipes_export_and_run_on_a_tiny_model(tmp_path):
             assert np.isfinite(s.backend.eval_all_logits(s.tokenize("the quick brown fox"))).all()
     assert layouts["int4"] == {"int4 blocks of 64"}
     assert len(layouts["int4-mixed"]) >= 2
+
+
+def test_a_hidden_size_that_is_not_a_whole_number_of_blocks_still_loads(tmp_path):
+    """Hidden 160 in blocks of 64: the tied embedding's gathered rows are padded and must be cut back."""
+    from test_checkpoint import bpe_tokenizer, make_hf
+    from test_mixed import SMALL, TEXT
+
+    import edgellm
+    from edgellm.converters.hf_source import read_hf
+    from edgellm.converters.onnx_export import export_onnx
+
+    dims = {**SMALL, "hidden_size": 160, "num_attention_heads": 5, "num_key_value_heads": 1, "head_dim": 32,
+            "intermediate_size": 320}
+    make_hf(tmp_path / "hf", "llama", bpe_tokenizer("smollm"), **dims)
+    res = export_onnx(read_hf(tmp_path / "hf"), tmp_path / "int4", quant="int4", calib_text=TEXT, calib_tokens=256)
+    with edgellm.load(res.output, n_ctx=128, disk_cache=False) as s:
+        tokens = s.tokenize("the quick brown fox")
+        logits = s.backend.eval_all_logits(tokens)
+    assert logits.shape[0] == len(tokens) and np.isfinite(logits).all()
