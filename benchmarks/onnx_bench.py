@@ -181,30 +181,58 @@ RATIOS = {"fused_vs_unfused_q4": ("fused_q4", "unfused_q4"), "fused_vs_unfused_f
           "int4_mixed_vs_builder_in_genai": ("int4_mixed", "builder_in_genai")}
 
 
+def _decoder_process(conn, path: str | None, builder: str, threads: int, n_gen: int) -> None:
+    """One runner in its own process (as a user runs one model per process): a second onnxruntime
+    session in the same process slowed the first by ~15 % at 1 thread here. Waits for 'decode n' requests."""
+    if path is None:
+        dec: Any = _GenaiDecoder(Path(builder))
+        dec.edgellm_tg(8)  # warm-up (SpeedBench warms itself up)
+    else:
+        from edgellm.bench import SpeedBench
+
+        dec = SpeedBench(path, threads, n_prompt=32, n_gen=n_gen, anchor=False)
+    conn.send("ready")
+    while (n := conn.recv()) is not None:
+        conn.send(dec.edgellm_tg(n))
+    dec.close()
+
+
 def speed(p: dict[str, Path], threads: int, rounds: int, n_gen: int,
           names: tuple[str, ...] = RUNNERS, idle: float | None = None) -> dict[str, Any]:
-    """Decode tok/s, every runner once per round, the order reversed every other round; paired ratios."""
-    from edgellm.bench import SpeedBench, paired_ratio
+    """Decode tok/s, every runner once per round in its own process, the order reversed every other
+    round; paired ratios."""
+    import multiprocessing as mp
+
+    from edgellm.bench import paired_ratio
 
     paths = {"fused_f32": p["fused_f32"], "portable_f32": p["portable_f32"], "fused_q4": p["fused_q4"],
              "unfused_q4": p["unfused_q4"], "int4": p["int4"], "int4_mixed": p["int4_mixed"],
              "builder_in_edgellm": p["builder"], "builder_in_genai": None, "llama_q4_0": p["q4_0"]}
-    decoders = {k: _GenaiDecoder(p["builder"]) if paths[k] is None else
-                SpeedBench(paths[k], threads, n_prompt=32, n_gen=n_gen, anchor=False) for k in names}
-    reps: dict[str, list[float]] = {k: [] for k in decoders}
+    ctx = mp.get_context("spawn")
+    conns, procs = {}, []
+    reps: dict[str, list[float]] = {k: [] for k in names}
     busy: list[float] = []
     try:
-        if "builder_in_genai" in decoders:
-            decoders["builder_in_genai"].edgellm_tg(8)  # warm-up (SpeedBench warms itself up)
+        for k in names:
+            conns[k], child = ctx.Pipe()
+            path = None if paths[k] is None else str(paths[k])
+            procs.append(ctx.Process(target=_decoder_process, args=(child, path, str(p["builder"]), threads, n_gen),
+                                     daemon=True))
+            procs[-1].start()
+            if conns[k].recv() != "ready":  # loaded one at a time: loading does not overlap a timing
+                raise RuntimeError(f"runner {k} did not start")
         for r in range(rounds):
             busy.append(round(cpu_busy() if idle is None else wait_idle(idle, max_wait=120.0), 3))
             _log(f"decode round {r + 1}/{rounds} (CPUs {busy[-1]:.0%} busy before it)")
-            for k in list(decoders) if r % 2 == 0 else list(decoders)[::-1]:
+            for k in list(names) if r % 2 == 0 else list(names)[::-1]:
                 time.sleep(0.2)  # the previous runner's onnxruntime workers spin on after its last step
-                reps[k].append(decoders[k].edgellm_tg(n_gen))
+                conns[k].send(n_gen)
+                reps[k].append(conns[k].recv())
     finally:
-        for d in decoders.values():
-            d.close()
+        for c in conns.values():
+            c.send(None)
+        for proc in procs:
+            proc.join(timeout=30)
     return {"tps": {k: statistics.median(v) for k, v in reps.items()}, "reps": reps, "busy_before_round": busy,
             "ratios": {k: paired_ratio(reps[a], reps[b]) for k, (a, b) in RATIOS.items() if a in reps and b in reps}}
 
