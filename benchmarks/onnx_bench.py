@@ -182,8 +182,8 @@ RATIOS = {"fused_vs_unfused_q4": ("fused_q4", "unfused_q4"), "fused_vs_unfused_f
 
 
 def _decoder_process(conn, path: str | None, builder: str, threads: int, n_gen: int) -> None:
-    """One runner in its own process (as a user runs one model per process): a second onnxruntime
-    session in the same process slowed the first by ~15 % at 1 thread here. Waits for 'decode n' requests."""
+    """One runner in its own process, as a user runs one model per process. With every runner loaded in
+    one process, each measured ~25 % slower at 1 thread here (~88 vs ~115 tok/s). Waits for 'decode n' requests."""
     if path is None:
         dec: Any = _GenaiDecoder(Path(builder))
         dec.edgellm_tg(8)  # warm-up (SpeedBench warms itself up)
