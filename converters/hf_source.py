@@ -41,19 +41,22 @@ def read_hf(path: str | Path) -> Checkpoint:
     expected = hf_tensor_shapes(config)
     _check_tensors(root, config, expected, headers)
 
-    def load(name: str) -> np.ndarray:
+    def stored(name: str) -> np.ndarray:
+        """The tensor's bytes as stored, viewed as its own type (BF16: the raw uint16 bits)."""
         file, dtype, shape, (start, end) = headers[name]
         raw = np.fromfile(file, dtype=np.uint8, count=end - start, offset=start)
-        if dtype == "BF16":  # numpy has no bfloat16: widen the raw bits exactly to float32
-            return dequantize(raw, gguf.GGMLQuantizationType.BF16, shape)
-        return raw.view(np.float32 if dtype == "F32" else np.float16).reshape(shape)
+        return raw.view({"BF16": np.uint16, "F16": np.float16}.get(dtype, np.float32)).reshape(shape)
+
+    def load(name: str) -> np.ndarray:
+        data = stored(name)
+        if headers[name][1] == "BF16":  # numpy has no bfloat16: widen the raw bits exactly to float32
+            return dequantize(data, gguf.GGMLQuantizationType.BF16, data.shape)
+        return data
 
     def raw16(name: str) -> np.ndarray:
-        file, dtype, shape, (start, end) = headers[name]
-        if dtype not in ("BF16", "F16"):
-            raise ValueError(f"{name} is stored as {dtype}, not a 16-bit float")
-        raw = np.fromfile(file, dtype=np.uint8, count=end - start, offset=start)
-        return raw.view(np.uint16 if dtype == "BF16" else np.float16).reshape(shape)
+        if headers[name][1] not in ("BF16", "F16"):
+            raise ValueError(f"{name} is stored as {headers[name][1]}, not a 16-bit float")
+        return stored(name)
 
     tensors = TensorSource(expected, load, {n: headers[n][1] for n in expected}, raw16)
     return Checkpoint(config, tensors, read_hf_tokenizer(root, config.vocab_size), name=root.name)

@@ -5,7 +5,7 @@ tokenizer.json + tokenizer_config.json (chat template), edgellm_onnx.json (model
 needs without parsing the graph). Written beside the destination and renamed into place when complete.
 
 Which part is whose: the graph is emitted by converters/onnx_graph.py and the weights packed by
-converters/onnx_quant.py (both edgellm's own). onnxruntime-genai's model builder is not called: it
+converters/onnx_quant.py, rounded with GPTQ by converters/gptq.py (all edgellm's own). onnxruntime-genai's model builder is not called: it
 needs torch + transformers and a HF directory, quantizes every matrix alike with plain min/max
 rounding (no calibration, no mixed widths) and has no contrib-free flavour. It stays the anchor the
 benchmark (benchmarks/onnx_bench.py) compares against.
@@ -44,8 +44,8 @@ INT4_LAYOUTS = {"int4": (BitChoice(4, 64),),
                 "int4-mixed": (BitChoice(4, 64), BitChoice(4, 32), BitChoice(8, 64))}
 INT4_BUDGET_BPW = 5.0
 HIGH8 = BitChoice(8, 64)
-# what ranks the units for the allocation: 'imatrix' (measured: KLD 0.208 vs the builder's 0.374 at equal
-# size) or 'fisher' (converters.sensitivity, second-order KLD; needs torch; not yet measured against it)
+# what ranks the units for int4-mixed's allocation: 'imatrix' (the output error each layout leaves; with GPTQ
+# tr(E H Eᵀ)) or 'fisher' (converters.sensitivity, second-order KLD; needs torch; not measured against it)
 SENSITIVITY = "imatrix"
 GRAM_LIMIT = 2 << 30          # float32 Gram matrices (400 MB for SmolLM2-135M, 3.9 GB for a 1.1B Llama)
 Progress = Callable[[str, int, int], None]
