@@ -10,6 +10,12 @@ VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS-test}  # empty: the runtime alone (no torch), as a device would install it
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 LLAMA_CMAKE_ARGS=${LLAMA_CMAKE_ARGS:-"-DLLAVA_BUILD=OFF -DGGML_RPC=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"}
+# CPUs with AMX (Sapphire Rapids and later): GGML_NATIVE's -march=native turns on llama.cpp's AMX int8
+# matmul, which segfaulted on the first decode of every model on this VM kind (llama.cpp 0.3.36,
+# ggml_backend_amx_mul_mat). -mno-amx-int8 wins over -march=native in GCC whatever the order.
+if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+  LLAMA_CMAKE_ARGS="$LLAMA_CMAKE_ARGS -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8"
+fi
 
 # edgellm deploy's tests: Debian's aarch64 cross toolchain (the Pi runtime) and an emulated arm64
 # board (debootstrap + qemu-user-static + proot). Installed only when something is missing.
@@ -40,6 +46,11 @@ if ! ls "$cache"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
     "$VENV/bin/python" -m pip wheel --no-deps --no-cache-dir "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -w "$cache.tmp"
   rm -rf "$cache" && mv "$cache.tmp" "$cache"
+fi
+# pip skips a wheel of the version already installed: reinstall when the venv holds another build
+if [ "$(cat "$VENV/.llama-build-key" 2>/dev/null)" != "$key" ]; then
+  "$VENV/bin/python" -m pip install -q --force-reinstall --no-deps "$cache"/llama_cpp_python-*.whl
+  echo "$key" > "$VENV/.llama-build-key"
 fi
 "$VENV/bin/python" -m pip install -q "$cache"/llama_cpp_python-*.whl
 "$VENV/bin/python" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"

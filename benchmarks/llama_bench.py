@@ -30,6 +30,9 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
     "-DGGML_NATIVE=ON",
 )
+if "amx_int8" in Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else False:
+    # as .ci/setup.sh: llama.cpp's AMX int8 matmul segfaults on this VM kind; keep the tools' own ggml like the wheel's
+    CMAKE_FLAGS += ("-DCMAKE_C_FLAGS=-mno-amx-int8", "-DCMAKE_CXX_FLAGS=-mno-amx-int8")
 JOBS = 2
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .output import emit_json, err, human_bytes, out
+from .output import emit_json, err, human_bytes, out, stage_progress
 from .shrink_options import shrink_options, shrink_transform
 
 
@@ -77,7 +77,7 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
         raise UsageError(f"{output} exists; pass --force to replace it")
     calib_tokens = calib_tokens or 2048
     text = calib.read_text(encoding="utf-8") if calib else None
-    with _progress(enabled=err.is_terminal and not as_json) as report:
+    with stage_progress(enabled=err.is_terminal and not as_json) as report:
         notes: dict = {}
         transform = shrink_transform(source, shrink, calib_text=text, threads=threads, report=report, notes=notes)
         res = convert(source, output, quant=quant, to=to, calib_text=text, imatrix=not no_imatrix,
@@ -109,27 +109,3 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
                   f"p99 KLD {e['p99_kld']:.4f}, top-1 {100 * e['top1_agreement']:.1f}%, PPL {e['perplexity']:.3f} "
                   f"(source {e['ref_perplexity']:.3f})")
     out.print(res.output)
-
-
-def _progress(enabled: bool):
-    """A rich progress bar per stage on a terminal; a no-op reporter in pipes."""
-    import contextlib
-
-    if not enabled:
-        return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-                   console=err, transient=True)
-    tasks: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def run():
-        with bar:
-            def report(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done, total=total)
-            yield report
-
-    return run()

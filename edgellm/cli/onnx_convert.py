@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .output import emit_json, err, human_bytes, out
+from .output import emit_json, err, human_bytes, out, stage_progress
 
 
 def convert_onnx_cli(ctx: click.Context, source: str, output: Path, quant: str, flavour: str, calib: Path | None,
@@ -13,14 +13,13 @@ def convert_onnx_cli(ctx: click.Context, source: str, output: Path, quant: str, 
     from edgellm.converters.onnx_export import convert_to_onnx
 
     from ..errors import UsageError
-    from .convert import _progress
 
     if ctx.get_parameter_source("quant") is click.core.ParameterSource.DEFAULT:
         quant = "auto"  # --quant's GGUF default means nothing to ONNX
     if output.exists() and not force:
         raise UsageError(f"{output} exists; pass --force to replace it")
     text = calib.read_text(encoding="utf-8") if calib else None
-    with _progress(enabled=err.is_terminal and not as_json) as report:
+    with stage_progress(enabled=err.is_terminal and not as_json) as report:
         res = convert_to_onnx(source, output, flavour=flavour, quant=quant, calib_text=text,
                               calib_tokens=calib_tokens, imatrix=not no_imatrix, progress=report)
     settings = {"format": "onnx", "flavour": res.flavour, "quant": res.quant, "imatrix": not no_imatrix,

@@ -30,3 +30,27 @@ def spinner(message: str):
     import contextlib
 
     return err.status(message) if err.is_terminal else contextlib.nullcontext()
+
+
+def stage_progress(enabled: bool):
+    """A rich progress bar per stage on a terminal; a no-op reporter in pipes."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                   console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def run():
+        with bar:
+            def report(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+            yield report
+
+    return run()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .output import emit_json, err, out
+from .output import emit_json, err, out, stage_progress
 
 
 @click.command("prune")
@@ -51,7 +51,6 @@ def command(source: str, output: Path | None, prune_to: str, align: int | None, 
 
     from .. import store
     from ..errors import UsageError
-    from .convert import _progress
 
     if output is None and not explain:
         raise UsageError("missing -o/--output (or pass --explain to only see the plan)")
@@ -60,7 +59,7 @@ def command(source: str, output: Path | None, prune_to: str, align: int | None, 
     ref = store.resolve(source)
     ckpt = read_checkpoint(ref.path, ref.kind)
     text = calib.read_text(encoding="utf-8") if calib else None
-    with _progress(enabled=err.is_terminal and not as_json) as report:
+    with stage_progress(enabled=err.is_terminal and not as_json) as report:
         res = prune_model(ckpt, prune_to, align=align, axes=[a.strip() for a in axes.split(",") if a.strip()],
                           calib_text=text, calib_tokens=calib_tokens, score_tokens=score_tokens,
                           max_candidates=max_candidates, threads=threads, progress=report)
