@@ -33,6 +33,19 @@ if command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
   fi
 fi
 
+# --- chat page tests (tests/test_web.py) -------------------------------------------------------
+# Debian's chromium, driven headless by Playwright's Python package (its executable_path; Playwright's
+# own browser download is never used). Only for the test extras, only when missing.
+if [[ "$EXTRAS" == *test* ]] && command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
+  if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "ok installed"; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    echo "installing chromium (apt, for the chat page's browser tests) ..." >&2
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null
+  fi
+fi
+# --- end chat page tests --------------------------------------------------------------------------
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel >/dev/null
 

@@ -85,12 +85,26 @@ def _positive_int(value: object, source: str) -> int:
     return n
 
 
+def max_threads(profile: DeviceProfile) -> int:
+    """The most threads edgellm starts: 4 per logical core (64 when the count is unknown). Far more
+    crashes or hangs llama.cpp (99999 segfaulted, 4096 hung) and never runs faster."""
+    return 4 * profile.logical_cores if profile.logical_cores > 0 else 64
+
+
+def _bounded(n: int, source: str, profile: DeviceProfile) -> int:
+    top = max_threads(profile)
+    if n > top:
+        raise UsageError(f"{source}={n} is more than this device can use: at most {top} "
+                         f"(4 × its {profile.logical_cores or 'unknown number of'} logical cores)")
+    return n
+
+
 def _threads(profile: DeviceProfile, threads: int | None, env: Mapping[str, str]) -> tuple[int, str]:
     if threads is not None:
-        n = _positive_int(threads, "threads")
+        n = _bounded(_positive_int(threads, "threads"), "threads", profile)
         return n, f"threads={n}: set explicitly"
     if env.get("EDGELLM_THREADS", "").strip():
-        n = _positive_int(env["EDGELLM_THREADS"], "EDGELLM_THREADS")
+        n = _bounded(_positive_int(env["EDGELLM_THREADS"], "EDGELLM_THREADS"), "EDGELLM_THREADS", profile)
         return n, f"threads={n}: from EDGELLM_THREADS"
     if profile.performance_cores >= 1:
         n = profile.performance_cores

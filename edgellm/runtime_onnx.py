@@ -7,7 +7,6 @@ back to CPU, and records what really runs in the plan the session carries (devic
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -59,25 +58,18 @@ def plan_onnx(model_dir: Path, *, device: str = "auto", n_ctx: int = 4096, threa
 
 
 def fingerprint(model_dir: Path, device: str) -> str:
-    """Model bytes (graph in full, weights sampled) + onnxruntime version + device."""
+    """Model bytes (graph and weights, sampled) + onnxruntime version + device."""
     import onnxruntime
 
-    h = hashlib.sha256(f"{onnxruntime.__version__}|{device}".encode())
-    for path in sorted(model_dir.glob("model.onnx*")):
-        size = path.stat().st_size
-        h.update(f"{path.name}|{size}".encode())
-        with open(path, "rb") as f:
-            step = max(1, size // 16)
-            for off in range(0, size, step):
-                f.seek(off)
-                h.update(f.read(65536))
-    return h.hexdigest()
+    from .fingerprint import files_fingerprint
+
+    return files_fingerprint(list(model_dir.glob("model.onnx*")), f"{onnxruntime.__version__}|{device}")
 
 
 def load_onnx(model_dir: Path, *, device: str = "auto", n_ctx: int = 4096, threads: int | None = None,
               check_memory: bool = True, session_kw: dict[str, Any] | None = None):
     """An edgellm Session over onnxruntime for an ONNX directory (see edgellm.load)."""
-    from .runtime import open_session
+    from .session import open_session
     from .runtimes.onnx_backend import OnnxBackend
 
     model_dir = Path(model_dir)

@@ -3,6 +3,8 @@ KV-cache reuse (live context, in-memory LRU, disk), stop strings and streaming.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -10,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import chat_template
-from .errors import ContextOverflowError, UsageError
+from .errors import BackendError, CacheError, ContextOverflowError, EdgeLLMError, UsageError
 from .runtimes.base import GREEDY, Backend, SamplerConfig
 from .runtimes.kv_cache import DiskCache, PrefixCache, SavedState, common_prefix, read_state_file, write_state_file
 from .textstream import TextAssembler
@@ -101,6 +103,10 @@ class Session:
 
     # -- text and tokens -----------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UsageError(f"the text is not valid Unicode (a lone surrogate at character {e.start})") from None
         add = self.backend.add_bos() and not self._starts_with_bos(text)
         return self.backend.tokenize(text, add_special=add, parse_special=special)
 
@@ -117,6 +123,40 @@ class Session:
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         return chat_template.render(self.template, messages, add_generation_prompt=add_generation_prompt,
                                     **self._special_texts())
+
+    def chat_tokens(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+        """The prompt tokens of a chat: special tokens come only from the template's own text.
+
+        Message content is the user's: a message containing `<|im_end|>` must not become a real turn
+        boundary. Messages whose text tokenizes the same with and without special-token parsing (the
+        usual case) are safe to tokenize inside the whole rendering, which keeps the token ids exactly
+        those of a plain render. Only the other messages are marked, rendered, cut out and tokenized
+        as plain text (see chat_template.split_marked).
+        """
+        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        risky = [i for i, m in enumerate(messages) if self._has_special_text(m["content"])]
+        if not risky:
+            return self.tokenize(text)
+        marked = chat_template.render_marked(self.template, messages, risky, add_generation_prompt=add_generation_prompt,
+                                             expected=text, **self._special_texts())
+        bos = self.backend.special_token("bos")
+        tokens = [bos] if bos is not None and self.backend.add_bos() and not self._starts_with_bos(text) else []
+        for piece, is_content in marked:
+            if piece:
+                tokens += self.backend.tokenize(piece, add_special=False, parse_special=not is_content)
+        return tokens
+
+    def _has_special_text(self, text: str) -> bool:
+        """Whether the tokenizer would read special tokens out of `text` (memoised per text)."""
+        memo = self.__dict__.setdefault("_special_memo", {})
+        hit = memo.get(text)
+        if hit is None:
+            be = self.backend
+            hit = be.tokenize(text, parse_special=True) != be.tokenize(text, parse_special=False)
+            if len(memo) > 1024:
+                memo.clear()
+            memo[text] = hit
+        return hit
 
     def _special_texts(self) -> dict[str, str]:
         out = {}
@@ -145,7 +185,7 @@ class Session:
 
     def chat_stream(self, messages: list[dict[str, Any]], *, max_tokens: int = 256, stop: Sequence[str] = (),
                     sampler: SamplerConfig | None = None, **sampling: Any) -> Stream:
-        return self._start(self.tokenize(self.render(messages)), max_tokens, stop, sampler, sampling)
+        return self._start(self.chat_tokens(messages), max_tokens, stop, sampler, sampling)
 
     def _start(self, tokens: list[int], max_tokens: int, stop: Sequence[str], sampler: SamplerConfig | None,
                sampling: dict[str, Any]) -> Stream:
@@ -243,15 +283,35 @@ class Session:
         if found is not None and min(found[1], limit) > reuse:
             saved, shared = found
             self._stash()
-            self.backend.load_state(saved.state, len(saved.tokens))
-            self.tokens = list(saved.tokens)
-            reuse, source = min(shared, limit), saved.source
+            if self._restore(saved):
+                reuse, source = min(shared, limit), saved.source
+            else:  # the backend refused it: the live context is gone, evaluate from scratch
+                reuse, source = 0, None
         elif len(self.tokens) - reuse >= STASH_MIN_TOKENS:
             self._stash()
         self.backend.truncate(reuse)
         del self.tokens[reuse:]
         stats.reused_tokens, stats.cache_source = reuse, source
         self._eval(prompt[reuse:])
+
+    def _restore(self, saved: SavedState) -> bool:
+        """Load a cached state into the backend. A state whose checksums held but whose payload the
+        backend refuses (another build wrote it, say) is dropped from its cache, never fatal."""
+        try:
+            self.backend.load_state(saved.state, len(saved.tokens))
+        except ContextOverflowError:  # made by a session with a larger context: fine for others, not here
+            self.backend.truncate(0)
+            self.tokens = []
+            return False
+        except (BackendError, CacheError):
+            if saved.source == "disk" and self.disk_cache is not None:
+                self.disk_cache.discard(saved.tokens)
+            self.memory_cache.discard(saved.tokens)
+            self.backend.truncate(0)
+            self.tokens = []
+            return False
+        self.tokens = list(saved.tokens)
+        return True
 
     def _save_to_disk(self) -> None:
         if self.disk_cache is not None and len(self.tokens) >= self.disk_cache.min_tokens:
@@ -265,11 +325,17 @@ class Session:
 
     def cache_prompt(self, system: str, path: str | Path) -> int:
         """Precompute the KV state of a system prompt and write it to `path`; returns its token count."""
-        prefix = chat_template.system_prefix(self.template, system, **self._special_texts())
-        tokens = self.tokenize(prefix)
+        tokens = self.system_tokens(system)
         self.prefill(tokens)
         write_state_file(Path(path), self.backend.fingerprint, tokens, self.backend.save_state())
         return len(tokens)
+
+    def system_tokens(self, system: str) -> list[int]:
+        """The tokens every chat with this system prompt starts with: the common token prefix of two
+        chats that differ only in the user message (works for any template without knowing its markup)."""
+        a, b = (self.chat_tokens([{"role": "system", "content": system}, {"role": "user", "content": q}])
+                for q in ("A", "B"))
+        return a[:common_prefix(a, b)]
 
     def reset(self) -> None:
         """Forget the live context (cached states stay available)."""
@@ -326,7 +392,7 @@ class Conversation:
         return Stream(run())
 
     def _fit(self, messages: list[dict[str, str]], max_tokens: int) -> list[dict[str, str]]:
-        n = len(self.session.tokenize(self.session.render(messages)))
+        n = len(self.session.chat_tokens(messages))
         budget = self.session.n_ctx - min(max_tokens, self.session.n_ctx // 4)
         if n <= budget:
             return messages
@@ -336,9 +402,9 @@ class Conversation:
                 "reset it, or allow truncation (overflow='truncate' / chat --truncate) to drop the oldest turns")
         head = [m for m in messages[:1] if m["role"] == "system"]
         body = messages[len(head):]
-        while len(body) > 1 and len(self.session.tokenize(self.session.render(head + body))) > budget:
+        while len(body) > 1 and len(self.session.chat_tokens(head + body)) > budget:
             body = body[2:] if len(body) > 2 else body[1:]
-        if len(self.session.tokenize(self.session.render(head + body))) > budget:
+        if len(self.session.chat_tokens(head + body)) > budget:
             raise ContextOverflowError(f"the last message alone does not fit the {self.session.n_ctx}-token context")
         return head + body
 
@@ -346,19 +412,58 @@ class Conversation:
         self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
 
     def save(self, path: str | Path) -> None:
+        """Write the history as JSON (atomically; a regular file or a new one, else UsageError)."""
         import json
 
         from .atomic import write_atomic
-        write_atomic(Path(path), json.dumps({"messages": self.messages}, ensure_ascii=False, indent=1).encode())
+        from .userfiles import writable_file
+
+        dest = writable_file(path, "conversation file")
+        data = json.dumps({"messages": self.messages}, ensure_ascii=False, indent=1).encode("utf-8", "surrogatepass")
+        try:
+            write_atomic(dest, data)
+        except OSError as e:
+            raise UsageError(f"cannot write the conversation file {dest}: {e.strerror or e}") from None
 
     def load(self, path: str | Path) -> None:
+        """Replace the history with one saved by `save` (a regular file of at most 64 MiB)."""
         import json
+
+        from .userfiles import decode_text, read_bytes
+
+        text = decode_text(read_bytes(path, "conversation file"), f"conversation file {path}")
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data = json.loads(text)
             chat_template.validate_messages(data["messages"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"cannot load conversation from {path}: {e}") from None
-        self.messages = data["messages"]
+        except (ValueError, KeyError, TypeError, RecursionError, EdgeLLMError) as e:
+            raise UsageError(f"cannot load a conversation from {path}: {e}") from None
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in data["messages"]]
 
 
-__all__ = ["Completion", "Conversation", "GREEDY", "SamplerConfig", "Session", "Stats", "Stream"]
+def open_session(backend: Backend, path: Path, plan: Any, *, disk_cache: bool | str | os.PathLike[str] = True,
+                 memory_cache_mb: int = 512, prompt_state: str | os.PathLike[str] | None = None,
+                 sampler: SamplerConfig | None = None) -> Session:
+    """A Session over any backend, with the in-memory and disk KV caches and an optional shipped state.
+
+    The chat-template render process starts here, so it is ready by the time the first prompt comes.
+    """
+    from . import store
+
+    disk = None
+    if disk_cache:
+        root = store.home() / "kv" if disk_cache is True else Path(disk_cache)
+        disk = DiskCache(root, backend.fingerprint)
+    template = backend.metadata("tokenizer.chat_template")
+    if template:
+        from .template_worker import worker
+
+        with contextlib.suppress(OSError):
+            worker().start()
+    session = Session(backend, path, plan=plan, template=template, memory_cache=PrefixCache(memory_cache_mb << 20),
+                      disk_cache=disk, default_sampler=sampler or SamplerConfig())
+    if prompt_state is not None:
+        session.import_state(prompt_state)
+    return session
+
+
+__all__ = ["Completion", "Conversation", "GREEDY", "SamplerConfig", "Session", "Stats", "Stream", "open_session"]

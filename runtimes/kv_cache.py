@@ -7,9 +7,12 @@ that fails any check is deleted and treated as absent, never trusted.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import stat
 import struct
 import time
 from collections import OrderedDict
@@ -71,6 +74,12 @@ class PrefixCache:
             _, dropped = self._entries.popitem(last=False)
             self.bytes -= len(dropped)
 
+    def discard(self, tokens: Sequence[int]) -> None:
+        """Forget the state for `tokens` (the backend refused it)."""
+        old = self._entries.pop(tuple(tokens), None)
+        if old is not None:
+            self.bytes -= len(old)
+
     def best(self, prompt: Sequence[int], better_than: int) -> tuple[SavedState, int] | None:
         """The entry sharing the longest prefix with `prompt`, if longer than `better_than`."""
         found, best_n = None, better_than
@@ -122,11 +131,25 @@ def _read_header(f, size: int, fingerprint: str) -> tuple[dict, list[int]]:
     return meta, np.frombuffer(tok, dtype="<i4").astype(int).tolist()
 
 
+def _open_regular(path: Path):
+    """(file, size) for a regular file; CacheError for anything else. O_NONBLOCK: opening a FIFO that
+    has the name of a state file must not wait for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CacheError(f"cannot read KV state {path}: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CacheError(f"KV state {path} is not a regular file")
+    return os.fdopen(fd, "rb"), st.st_size
+
+
 def read_state_file(path: Path, fingerprint: str) -> SavedState:
     """Read and fully verify a state file (CacheError if it is unusable)."""
+    f, size = _open_regular(Path(path))
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with f:
             meta, tokens = _read_header(f, size, fingerprint)
             state = f.read(int(meta["payload_bytes"]))
     except OSError as e:
@@ -154,9 +177,12 @@ class DiskCache:
         if len(tokens) < self.min_tokens:
             return None
         path = self._path(tokens)
-        if path.exists():
-            os.utime(path)
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                os.utime(path)
             return path
+        if path.exists() or path.is_symlink():  # a directory, FIFO or link squatting on the name
+            self._discard(path)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             write_state_file(path, self.fingerprint, tokens, state)
@@ -166,37 +192,73 @@ class DiskCache:
         return path
 
     def _entries(self) -> list[tuple[int, Path]]:
+        """(token count, path) of this model's entries, longest first. Anything with an entry's name that
+        is not a regular file (a directory, a FIFO, a link) is removed on sight: it was not written here."""
         out = []
         for p in self.root.glob(f"{self._prefix}-*.kv") if self.root.is_dir() else ():
             try:
-                out.append((int(p.name.split("-")[1]), p))
-            except (IndexError, ValueError):
+                n = int(p.name.split("-")[1])
+                regular = stat.S_ISREG(os.lstat(p).st_mode)
+            except (IndexError, ValueError, OSError):
                 continue
+            if not regular:
+                self._discard(p)
+                continue
+            out.append((n, p))
         return sorted(out, reverse=True)
 
+    def _discard(self, path: Path) -> None:
+        self.rejected += 1
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            pass  # not ours to fix: skipped either way
+
     def best(self, prompt: Sequence[int], better_than: int) -> tuple[SavedState, int] | None:
+        """The entry sharing the longest prefix with `prompt` (if longer than `better_than`): headers are
+        read longest entry first, until no remaining entry could share more than the best so far."""
+        best: tuple[Path, int] | None = None
+        floor = better_than
         for n, path in self._entries():
-            if n <= better_than:
+            if n <= floor:
                 break
             try:
-                size = path.stat().st_size
-                with open(path, "rb") as f:
+                f, size = _open_regular(path)
+                with f:
                     _, tokens = _read_header(f, size, self.fingerprint)
-                shared = common_prefix(tokens, prompt)
-                if shared <= better_than:
-                    continue
-                saved = read_state_file(path, self.fingerprint)
             except (CacheError, OSError):
-                self.rejected += 1
-                path.unlink(missing_ok=True)
+                self._discard(path)
                 continue
-            os.utime(path)
-            saved.source = "disk"
-            return saved, shared
-        return None
+            shared = common_prefix(tokens, prompt)
+            if shared > floor:
+                best, floor = (path, shared), shared
+        if best is None:
+            return None
+        path, shared = best
+        try:
+            saved = read_state_file(path, self.fingerprint)
+        except CacheError:
+            self._discard(path)
+            return None
+        os.utime(path)
+        saved.source = "disk"
+        return saved, shared
+
+    def discard(self, tokens: Sequence[int]) -> None:
+        """Remove the entry for `tokens`: its checksums held but the backend refused its payload."""
+        path = self._path(tokens)
+        if path.exists() or path.is_symlink():
+            self._discard(path)
 
     def _evict(self) -> None:
-        files = [(p.stat().st_mtime, p.stat().st_size, p) for _, p in self._entries()]
+        files = []
+        for _, p in self._entries():
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                files.append((st.st_mtime, st.st_size, p))
         total = sum(s for _, s, _ in files)
         for _, s, p in sorted(files):
             if total <= self.max_bytes:

@@ -7,7 +7,6 @@ Here the sampler chain is llama.cpp's own and logits are copied only when asked 
 from __future__ import annotations
 
 import ctypes
-import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,10 +17,11 @@ import numpy as np
 from edgellm.errors import BackendError, ContextOverflowError, InvalidModelError, UsageError
 
 from .base import Capabilities, SamplerConfig
+from .llama_lib import init_native_logging
+from .llama_lib import llama as _llama
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}
 
-_log_callback = None  # keep the ctypes callback alive for the process lifetime
 
 # llama.cpp's sequence state: u32 magic, i32 sequence id, u32 stream count (the context's), then per
 # stream a u32 cell count followed, for the one stream holding the sequence, by its cells. llama.cpp
@@ -54,6 +54,13 @@ def _for_streams(data: bytes, n_stream: int):
     """A ctypes buffer holding `data` (a sequence state) framed for a context of `n_stream` streams."""
     if len(data) < _SEQ_HEAD.size + 4:
         raise BackendError("the saved KV state is truncated")
+    try:
+        return _framed(data, n_stream)
+    except struct.error:
+        raise BackendError("the saved KV state is malformed") from None
+
+
+def _framed(data: bytes, n_stream: int):
     n = _SEQ_HEAD.unpack_from(data)[2]
     if n == n_stream:
         return (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
@@ -65,32 +72,6 @@ def _for_streams(data: bytes, n_stream: int):
     _SEQ_HEAD.pack_into(out, 0, magic, seq, n_stream)
     memoryview(out).cast("B")[_SEQ_HEAD.size:_SEQ_HEAD.size + len(body)] = body
     return out
-
-
-def _llama():
-    try:
-        import llama_cpp
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise BackendError(f"llama-cpp-python is not installed or failed to load: {e}") from None
-    return llama_cpp
-
-
-def init_native_logging(verbose: bool | None = None) -> None:
-    """Silence llama.cpp's own logging unless --verbose / EDGELLM_LOG=debug."""
-    global _log_callback
-    llama_cpp = _llama()
-    if verbose is None:
-        verbose = os.environ.get("EDGELLM_LOG", "").lower() in ("debug", "verbose", "1")
-    if _log_callback is None:
-        llama_cpp.llama_backend_init()
-
-    @llama_cpp.llama_log_callback
-    def _cb(level, text, user_data):  # noqa: ARG001 - ctypes signature
-        if verbose and text:
-            os.write(2, text)
-
-    _log_callback = _cb
-    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
 @dataclass(frozen=True)
@@ -134,7 +115,7 @@ class LlamaCppBackend:
         mparams.use_mmap = options.use_mmap
         self._rpc_devices = None
         if options.rpc:
-            from edgellm.rpc import rpc_devices
+            from .rpc import rpc_devices
 
             self._rpc_devices = rpc_devices(options.rpc)  # NULL-terminated; must outlive the model
             mparams.devices = ctypes.cast(self._rpc_devices, ctypes.c_void_p)
@@ -377,7 +358,19 @@ class LlamaCppBackend:
         if ll.llama_state_seq_set_data(self._ctx, buf, len(buf), 0) == 0:
             ll.llama_memory_clear(self._mem, True)
             raise BackendError("llama.cpp rejected the saved KV state")
+        self._check_restored(0, n_tokens)
         self._n_past = n_tokens
+
+    def _check_restored(self, seq: int, n_tokens: int | None) -> None:
+        """llama.cpp accepts a well-framed state with no cells (or other cells) without complaint: the
+        restored positions must be exactly 0..n_tokens-1, or the KV cache and the tokens disagree."""
+        if n_tokens is None:
+            return
+        top = self._ll.llama_memory_seq_pos_max(self._mem, seq)
+        if top != n_tokens - 1:
+            self.seq_remove(seq)
+            raise BackendError(f"the saved KV state holds positions up to {top}, not the {n_tokens} tokens it "
+                               "was saved with")
 
     # -- several sequences in one batch (the server's continuous batching) -------------------
     def decode_batch(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
@@ -412,14 +405,15 @@ class LlamaCppBackend:
         if not self._ll.llama_memory_seq_rm(self._mem, seq, start, -1):
             raise BackendError(f"llama.cpp could not truncate sequence {seq}")
 
-    def seq_restore(self, seq: int, data: bytes) -> None:
-        """Replace sequence `seq` with a state from `seq_state` (of any sequence)."""
+    def seq_restore(self, seq: int, data: bytes, n_tokens: int | None = None) -> None:
+        """Replace sequence `seq` with a state from `seq_state` (of any sequence) holding n_tokens."""
         ll = self._ll
         self.seq_remove(seq)
         buf = _for_streams(data, self._n_stream)
         if ll.llama_state_seq_set_data(self._ctx, buf, len(buf), seq) == 0:
             self.seq_remove(seq)
             raise BackendError("llama.cpp rejected the saved KV state")
+        self._check_restored(seq, n_tokens)
 
     def close(self) -> None:
         ll = self._ll

@@ -163,7 +163,7 @@ def test_bundle_installs_serves_and_answers_on_an_emulated_pi(board, pi_bundle):
 
     # The worker side of multi-device RPC (what `deploy rpi --rpc-worker` installs) on the board, driven by an
     # x86 `edgellm serve --rpc`: the layers run on the emulated aarch64 worker and the answer must not change.
-    from edgellm.rpc import worker_unit
+    from edgellm.deploy.units import worker_unit
 
     worker_port = free_port()
     (root / "var/cache/edgellm/rpc").mkdir(parents=True, exist_ok=True)

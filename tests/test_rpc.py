@@ -11,7 +11,8 @@ import pytest
 
 import edgellm
 from edgellm.errors import BackendError, UsageError
-from edgellm.rpc import parse_endpoints, worker_unit
+from edgellm.deploy.units import worker_unit
+from edgellm.runtimes.rpc import parse_endpoints
 
 Q = [{"role": "user", "content": "List three fruits."}]
 

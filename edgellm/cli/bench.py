@@ -7,13 +7,14 @@ from typing import Any
 
 import click
 
+from .options import threads_option
+
 from .output import emit_json, err, out
 
 
 @click.command("bench")
 @click.argument("model", required=False)
-@click.option("--threads", type=int, default=None,
-              help="CPU threads [default: the device's performance cores, or EDGELLM_THREADS].")
+@threads_option("CPU threads [default: the device's performance cores, or EDGELLM_THREADS].")
 @click.option("--prompt", "n_prompt", type=click.IntRange(1), default=512, show_default=True,
               help="Prompt tokens evaluated in one batch (pp).")
 @click.option("--gen", "n_gen", type=click.IntRange(2), default=128, show_default=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 import click
+from rich.markup import escape
 
 from .options import load_kwargs, model_options, sampling_kwargs, sampling_options
 from .output import err, out
@@ -52,13 +53,13 @@ def command(model: str | None, system: str | None, prompt_state: str | None, tru
         cmd, _, arg = text.strip().partition(" ")
         try:
             if cmd == "/help":
-                err.print(HELP)
+                err.print(escape(HELP))
             elif cmd == "/reset":
                 conv.reset()
                 err.print("[dim]history cleared[/dim]")
             elif cmd == "/save":
                 conv.save(arg.strip() or "chat.json")
-                err.print(f"[dim]saved {len(conv.messages)} messages to {arg.strip() or 'chat.json'}[/dim]")
+                err.print(f"[dim]saved {len(conv.messages)} messages to {escape(arg.strip() or 'chat.json')}[/dim]")
             elif cmd == "/load":
                 conv.load(arg.strip())
                 err.print(f"[dim]loaded {len(conv.messages)} messages[/dim]")
@@ -67,11 +68,13 @@ def command(model: str | None, system: str | None, prompt_state: str | None, tru
                 err.print(f"context: {len(llm.tokens)}/{llm.n_ctx} tokens in KV; "
                           f"memory cache: {len(llm.memory_cache)} states, {llm.memory_cache.bytes >> 20} MiB")
             elif cmd.startswith("/") and cmd[1:].isalpha():
-                err.print(f"unknown command {cmd}; {HELP}")
+                err.print(f"unknown command {escape(cmd)}; {escape(HELP)}")
             elif text.strip():
                 last = _answer(conv, text)
         except EdgeLLMError as e:
-            err.print(f"[red]error:[/red] {e}")
+            err.print(f"[red]error:[/red] {escape(str(e))}")
+        except OSError as e:  # a chat command's file trouble must not end the conversation
+            err.print(f"[red]error:[/red] {escape(e.strerror or str(e))}")
         except KeyboardInterrupt:
             err.print("[dim](interrupted)[/dim]")
     llm.close()
@@ -82,7 +85,7 @@ def _answer(conv, text: str):
     try:
         stream = conv.stream(text)
         for piece in stream:
-            out.print(piece, end="")
+            out.print(piece, end="", markup=False, highlight=False)  # model text is not rich markup
             sys.stdout.flush()
     except KeyboardInterrupt:
         if stream is not None:
@@ -111,6 +114,9 @@ def _read(interactive: bool) -> str | None:
             line = input(("... " if lines else ">>> ") if interactive else "")
         except EOFError:
             return "\n".join(lines) if lines else None
+        except UnicodeDecodeError:  # bytes that are not text: say so and read on
+            err.print("[red]error:[/red] that input is not valid UTF-8; line ignored")
+            continue
         except KeyboardInterrupt:  # like a shell: Ctrl-C abandons the line, Ctrl-D quits
             if not interactive:
                 return None

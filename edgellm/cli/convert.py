@@ -5,6 +5,10 @@ from pathlib import Path
 
 import click
 
+from .options import threads_option
+
+from ..userfiles import read_text
+
 from .output import emit_json, err, human_bytes, out, stage_progress
 from .shrink_options import shrink_options, shrink_transform
 
@@ -37,7 +41,7 @@ from .shrink_options import shrink_options, shrink_transform
               help="Calibration tokens to use [default: 2048 for GGUF, 4096 for ONNX].")
 @click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix (like plain llama-quantize).")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--threads", type=int, default=None, help="Quantizer threads [default: all cores].")
+@threads_option("Quantizer threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @shrink_options
 def command(source: str, output: Path, quant: str, target_size: str | None, target_bpw: float | None,
@@ -76,7 +80,7 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
     if output.exists() and not force:
         raise UsageError(f"{output} exists; pass --force to replace it")
     calib_tokens = calib_tokens or 2048
-    text = calib.read_text(encoding="utf-8") if calib else None
+    text = read_text(calib, "calibration text") if calib else None
     with stage_progress(enabled=err.is_terminal and not as_json) as report:
         notes: dict = {}
         transform = shrink_transform(source, shrink, calib_text=text, threads=threads, report=report, notes=notes)

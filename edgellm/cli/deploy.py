@@ -50,7 +50,7 @@ def rpi(model: str | None, board: str, output: Path, make_tar: bool, n_ctx: int,
     The first build cross-compiles llama.cpp (minutes; cached afterwards).
     """
     from ..deploy.bundle import BundleSpec, build_bundle
-    from ..rpc import DEFAULT_PORT
+    from ..runtimes.rpc import DEFAULT_PORT
 
     if system_prompt is not None and rpc_worker:
         raise click.UsageError("--system belongs to a server bundle, not an --rpc-worker one")

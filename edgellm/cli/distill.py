@@ -6,6 +6,10 @@ from pathlib import Path
 
 import click
 
+from .options import threads_option
+
+from ..userfiles import read_text
+
 from .output import emit_json, err, out
 
 
@@ -77,7 +81,7 @@ def training_bar(enabled: bool):
 @click.option("--to", "to", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True)
 @click.option("--no-eval", is_flag=True, help="Skip the held-out evaluation before and after.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--threads", type=int, default=None, help="torch and llama.cpp threads [default: all cores].")
+@threads_option("torch and llama.cpp threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def command(student: str, teacher: str, output: Path, minutes: float | None, train_tokens: int | None,
             text_file: Path | None, loss: str, temperature: float, lr: float, top_k: int, gen_tokens: int,
@@ -108,7 +112,7 @@ def command(student: str, teacher: str, output: Path, minutes: float | None, tra
     cfg.check()
     ref = store.resolve(student)
     ckpt = read_checkpoint(ref.path, ref.kind)
-    text = text_file.read_text(encoding="utf-8") if text_file else None
+    text = read_text(text_file, "training text") if text_file else None
     with training_bar(err.is_terminal and not as_json) as (stage, step):
         trained, report = distill_model(ckpt, teacher, cfg, text=text, work_dir=work_dir, top_k=top_k,
                                         gen_tokens=gen_tokens, evaluate=not no_eval, progress=stage, on_step=step)

@@ -5,6 +5,10 @@ from pathlib import Path
 
 import click
 
+from .options import threads_option
+
+from ..userfiles import read_text
+
 from .output import emit_json, err, out
 
 
@@ -28,7 +32,7 @@ from .output import emit_json, err, out
               help="Held-out text [default: the held-out text shipped with edgellm].")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk (the second half is scored).")
 @click.option("--chunks", type=int, default=None, help="Score at most this many chunks [default: all].")
-@click.option("--threads", type=int, default=None)
+@threads_option("CPU threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True)
 def command(model: str, reference: str | None, sweep_types: str | None, sizes: str | None, plot_file: Path | None,
             out_file: Path | None, calib_file: Path | None, text_file: Path | None, ctx: int,
@@ -59,7 +63,7 @@ def command(model: str, reference: str | None, sweep_types: str | None, sizes: s
     for flag, value in (("--plot", plot_file), ("--out", out_file), ("--calib", calib_file), ("--sizes", sizes)):
         if value is not None:
             raise UsageError(f"{flag} goes with --sweep")
-    text = text_file.read_text(encoding="utf-8") if text_file else heldout_text()
+    text = read_text(text_file, "text") if text_file else heldout_text()
     m, r = store.resolve(model).path, store.resolve(reference).path
     progress = None
     if err.is_terminal and not as_json:
@@ -97,8 +101,8 @@ def _sweep(model: str, types: str, sizes: str | None, plot_file: Path | None, ou
             from ..errors import UsageError
             raise UsageError("--plot needs matplotlib: pip install matplotlib")
     ref = store.resolve(model).path
-    calib = calib_file.read_text(encoding="utf-8") if calib_file else None
-    text = text_file.read_text(encoding="utf-8") if text_file else None
+    calib = read_text(calib_file, "calibration text") if calib_file else None
+    text = read_text(text_file, "text") if text_file else None
     progress = None
     if err.is_terminal:
         def progress(stage: str, done: int, total: int) -> None:

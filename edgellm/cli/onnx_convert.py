@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from ..userfiles import read_text
+
 from .output import emit_json, err, human_bytes, out, stage_progress
 
 
@@ -18,7 +20,7 @@ def convert_onnx_cli(ctx: click.Context, source: str, output: Path, quant: str, 
         quant = "auto"  # --quant's GGUF default means nothing to ONNX
     if output.exists() and not force:
         raise UsageError(f"{output} exists; pass --force to replace it")
-    text = calib.read_text(encoding="utf-8") if calib else None
+    text = read_text(calib, "calibration text") if calib else None
     with stage_progress(enabled=err.is_terminal and not as_json) as report:
         res = convert_to_onnx(source, output, flavour=flavour, quant=quant, calib_text=text,
                               calib_tokens=calib_tokens, imatrix=not no_imatrix, progress=report)

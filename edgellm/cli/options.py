@@ -9,11 +9,28 @@ import click
 F = Callable[..., Any]
 
 
+def check_threads(ctx: click.Context | None, param: click.Parameter | None, value: int | None) -> int | None:
+    """--threads: a positive count no larger than 4 per logical core (far more crashes llama.cpp)."""
+    import os
+
+    if value is None:
+        return None
+    top = 4 * (os.cpu_count() or 16)
+    if not 1 <= value <= top:
+        from ..errors import UsageError
+
+        raise UsageError(f"--threads must be between 1 and {top} (4 × this machine's {os.cpu_count()} logical cores)")
+    return value
+
+
+def threads_option(help: str) -> Callable[[F], F]:  # noqa: A002 - click's own name
+    return click.option("--threads", type=int, default=None, callback=check_threads, help=help)
+
+
 def model_options(f: F) -> F:
     for opt in reversed([
         click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context size in tokens."),
-        click.option("--threads", type=int, default=None,
-                     help="CPU threads [default: the device's performance cores, or EDGELLM_THREADS]."),
+        threads_option("CPU threads [default: the device's performance cores, or EDGELLM_THREADS]."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, metal (gpu)."),
         click.option("--kv-type", default="f16", show_default=True, help="KV-cache type: f16, q8_0, q4_0, f32."),
         click.option("--no-disk-cache", is_flag=True, help="Do not read or write the on-disk KV-cache."),

@@ -5,6 +5,10 @@ from pathlib import Path
 
 import click
 
+from .options import threads_option
+
+from ..userfiles import read_text
+
 from .output import emit_json, err, out, stage_progress
 
 
@@ -29,7 +33,7 @@ from .output import emit_json, err, out, stage_progress
 @click.option("--to", "to", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True)
 @click.option("--explain", is_flag=True, help="Print the importance ranking, every candidate and the chosen cuts.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--threads", type=int, default=None, help="torch threads [default: torch's choice].")
+@threads_option("torch threads [default: torch's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def command(source: str, output: Path | None, prune_to: str, align: int | None, axes: str, calib: Path | None,
             calib_tokens: int, score_tokens: int, max_candidates: int, out_type: str, to: str, explain: bool,
@@ -58,7 +62,7 @@ def command(source: str, output: Path | None, prune_to: str, align: int | None, 
         raise UsageError(f"{output} exists; pass --force to replace it")
     ref = store.resolve(source)
     ckpt = read_checkpoint(ref.path, ref.kind)
-    text = calib.read_text(encoding="utf-8") if calib else None
+    text = read_text(calib, "calibration text") if calib else None
     with stage_progress(enabled=err.is_terminal and not as_json) as report:
         res = prune_model(ckpt, prune_to, align=align, axes=[a.strip() for a in axes.split(",") if a.strip()],
                           calib_text=text, calib_tokens=calib_tokens, score_tokens=score_tokens,

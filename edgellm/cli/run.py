@@ -32,11 +32,18 @@ def command(args: tuple[str, ...], system: str | None, raw: bool, prompt_state: 
     """
     import edgellm
 
+    from ..userfiles import TEXT_LIMIT, decode_text
+
     model, prompt = _split_args(args)
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
             raise edgellm.errors.UsageError("no prompt: pass one as an argument or on stdin")
-        prompt = sys.stdin.read()
+        data = sys.stdin.buffer.read(TEXT_LIMIT + 1)
+        if len(data) > TEXT_LIMIT:
+            raise edgellm.errors.UsageError(f"the prompt on stdin is larger than {TEXT_LIMIT:,} bytes")
+        prompt = decode_text(data, "prompt on stdin")
+    if not prompt.strip():
+        raise edgellm.errors.UsageError("the prompt is empty")
     lk, sk = load_kwargs(kw), sampling_kwargs(kw)
     with edgellm.load(model, prompt_state=prompt_state, **lk) as llm:
         if raw:

@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from ..userfiles import read_text
+
 from .distill import distill_config, distill_options
 from .output import err
 
@@ -54,7 +56,7 @@ def shrink_transform(source: str, opts: dict[str, Any], *, calib_text: str | Non
             err.print(f"pruned: {notes['prune']['n_params_before'] / 1e6:.1f}M → {notes['prune']['n_params'] / 1e6:.1f}M"
                       f" parameters ({res.plan.shape.describe()})")
         if do_distill:
-            text = dist["text_file"].read_text(encoding="utf-8") if dist["text_file"] else None
+            text = read_text(dist["text_file"], "training text") if dist["text_file"] else None
             ckpt, notes["distill"] = distill_model(ckpt, teacher or source, cfg, text=text, work_dir=dist["work_dir"],
                                                    top_k=dist["top_k"], gen_tokens=dist["gen_tokens"],
                                                    progress=report)

@@ -165,7 +165,7 @@ def _prompt_state(model_path: Path, spec: BundleSpec, dest: Path) -> int:
 def _write_unit(tmp: Path, spec: BundleSpec, board, model_path: Path | None, env: dict) -> str:
     (tmp / "systemd").mkdir()
     if spec.rpc_worker:
-        from ..rpc import worker_unit
+        from .units import worker_unit
 
         service = "edgellm-rpc-worker"
         text = worker_unit(host=spec.host, port=spec.port, threads=board.cores, exec_start=units.EXE,

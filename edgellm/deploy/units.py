@@ -1,4 +1,4 @@
-"""systemd units and the settings file for an installed bundle (the RPC worker's unit is rpc.worker_unit)."""
+"""systemd units and the settings file for an installed bundle: the server, and an RPC worker."""
 from __future__ import annotations
 
 import shlex
@@ -8,6 +8,7 @@ PREFIX = "/opt/edgellm"  # install.sh's default EDGELLM_PREFIX; units refer to t
 STATE_DIR = "/var/lib/edgellm"  # the service's EDGELLM_HOME: its on-disk KV cache lives here
 USER = "edgellm"
 EXE = f"{PREFIX}/current/venv/bin/edgellm"
+RPC_PORT = 50052  # edgellm.runtimes.rpc.DEFAULT_PORT (not imported: units stay free of ctypes code)
 
 
 def server_unit(model_file: str, *, host: str, port: int, n_ctx: int, kv_type: str, threads: int,
@@ -74,3 +75,35 @@ def exec_argv(value: str) -> list[str]:
 def env_file(values: Mapping[str, str | int]) -> str:
     """bundle.env: the settings install.sh, uninstall.sh and healthcheck.sh source."""
     return "".join(f"{k}={shlex.quote(str(v))}\n" for k, v in values.items())
+
+
+def worker_unit(*, host: str = "0.0.0.0", port: int = RPC_PORT, threads: int | None = None,
+                exec_start: str = "/opt/edgellm/venv/bin/edgellm", user: str = "edgellm",
+                cache_dir: str | None = "/var/cache/edgellm/rpc") -> str:
+    """The text of a systemd unit that runs an RPC worker on a board (for `edgellm deploy`)."""
+    args = [exec_start, "rpc-worker", "--host", host, "--port", str(port)]
+    if threads:
+        args += ["--threads", str(threads)]
+    if cache_dir:
+        args += ["--cache-dir", cache_dir]
+    lines = [
+        "[Unit]",
+        "Description=edgellm RPC worker (llama.cpp ggml-rpc) on port %d" % port,
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        f"User={user}",
+        f"ExecStart={shlex.join(args)}",
+        "Restart=on-failure",
+        "RestartSec=2",
+        *([f"CacheDirectory={cache_dir.removeprefix('/var/cache/')}"] if cache_dir and cache_dir.startswith("/var/cache/") else []),
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ]
+    return "\n".join(lines)

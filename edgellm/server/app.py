@@ -133,11 +133,11 @@ class Server:
             if params.model not in (None, self.config.model_id):
                 raise oa.APIError(404, f"the model {params.model!r} does not exist; this server has "
                                   f"{self.config.model_id!r}", code="model_not_found", param="model")
-            try:
-                text = self.session.render(self._messages(body)) if chat else oa.completion_prompt(body)
+            try:  # special tokens only from the template, never from message text (Session.chat_tokens)
+                tokens = (self.session.chat_tokens(self._messages(body)) if chat
+                          else self.session.tokenize(oa.completion_prompt(body)))
             except TemplateError as e:
                 raise oa.APIError(400, str(e), param="messages") from None
-            tokens = self.session.tokenize(text)
             req = self._request(tokens, params)
             queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
             loop = asyncio.get_running_loop()

@@ -238,7 +238,7 @@ class Engine:
             slot = min(idle, key=lambda s: (len(s.tokens) > 0, s.last_used))
             self._evict(slot)
             try:
-                self.backend.seq_restore(slot.seq, saved.state)
+                self.backend.seq_restore(slot.seq, saved.state, len(saved.tokens))
                 slot.tokens, reuse, source, restored = list(saved.tokens), shared, saved.source, True
             except EdgeLLMError:  # no room for the whole snapshot: evaluate the prompt instead
                 reuse = 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..chat_template import system_prefix
 from ..errors import CacheError
 from ..runtimes.kv_cache import SavedState, read_state_file
 from ..session import Session
@@ -18,7 +17,7 @@ from ..session import Session
 
 def system_tokens(session: Session, system: str) -> list[int]:
     """The tokens every chat with this system prompt starts with (what `Session.cache_prompt` caches)."""
-    return session.tokenize(system_prefix(session.template, system, **session._special_texts()))
+    return session.system_tokens(system)
 
 
 def pinned_state(session: Session, system: str | None, path: str | Path | None,
