@@ -29,7 +29,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..errors import ContextOverflowError, EdgeLLMError, TemplateError
 from ..session import Session
 from . import openai as oa
+from . import web
 from .engine import Engine, QueueFullError, Request
+from .introspect import request_stats, server_info
 from .system import pinned_state
 
 
@@ -81,6 +83,7 @@ class Server:
         self.engine = Engine(session, parallel=config.parallel, max_queue=config.max_queue, batch=config.batch,
                              pinned=(state,) if state is not None else ())
         self.started = time.time()
+        self.inflight: dict[str, Request] = {}  # answer id -> request, for POST /v1/edgellm/cancel/{id}
 
     # -- plumbing ----------------------------------------------------------------------------
     def app(self) -> Starlette:
@@ -97,6 +100,10 @@ class Server:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            # edgellm's additions: the chat page (web.py), server info, cancelling an answer by its id
+            Route("/v1/edgellm/info", self.info, methods=["GET"]),
+            Route("/v1/edgellm/cancel/{rid}", self.cancel, methods=["POST"]),
+            *web.page_routes(),
         ]
         return Starlette(routes=routes, lifespan=lifespan,
                          middleware=[Middleware(_APIKey, key=self.config.api_key)],
@@ -114,11 +121,40 @@ class Server:
         return JSONResponse({"status": "ok", "model": self.config.model_id, "busy": e.busy,
                              "queued": len(e.queue), "slots": len(e.slots), "context": e.pool,
                              "mode": "batch" if e.batch else "exact", "system_state_tokens": self.system_tokens,
+                             "api_key_required": bool(self.config.api_key),
                              "uptime_s": round(time.time() - self.started, 1), **e.stats})
 
     async def models(self, request: HTTPRequest) -> Response:
         return JSONResponse({"object": "list", "data": [
             {"id": self.config.model_id, "object": "model", "created": int(self.started), "owned_by": "edgellm"}]})
+
+    async def info(self, request: HTTPRequest) -> Response:
+        return JSONResponse(server_info(self.session, self.engine, self.config, self.system_tokens))
+
+    async def cancel(self, request: HTTPRequest) -> Response:
+        """Stop an answer by its id (the stream then ends normally, its stats saying 'cancelled'); for
+        clients whose disconnects a proxy hides, and for stopping an answer from another connection."""
+        rid = request.path_params["rid"]
+        req = self.inflight.get(rid)
+        if req is None:
+            return _error(oa.APIError(404, f"no answer {rid[:64]!r} is in progress", code="not_found"))
+        req.asked = True
+        self.engine.cancel(req)
+        return JSONResponse({"id": rid, "object": "edgellm.cancel", "cancelled": True})
+
+    def _track(self, rid: str, req: Request) -> None:
+        """Keep `req` findable by its answer id until the engine is done with it."""
+        self.inflight[rid] = req
+        emit = req.emit
+
+        def tracked(kind: str, value: Any) -> None:
+            if kind != "piece":
+                self.inflight.pop(rid, None)
+            emit(kind, value)
+
+        req.emit = tracked
+        if req.finish_reason:  # finished before the wrapper was in place
+            self.inflight.pop(rid, None)
 
     async def chat(self, request: HTTPRequest) -> Response:
         return await self._serve(request, chat=True)
@@ -151,6 +187,7 @@ class Server:
         except oa.APIError as e:
             return _error(e)
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
+        self._track(rid, req)
         if params.stream:
             return StreamingResponse(self._sse(req, queue, rid, chat, params.include_usage),
                                      media_type="text/event-stream",
@@ -182,7 +219,7 @@ class Server:
         if value.finish_reason == "timeout":
             return oa.APIError(504, f"the request did not finish within {self.config.timeout_s:g} s",
                                type="server_error", code="timeout")
-        if value.finish_reason == "cancelled":
+        if value.finish_reason == "cancelled" and not value.asked:
             return oa.APIError(503, "the server is shutting down", type="server_error", code="cancelled")
         return None
 
@@ -205,7 +242,7 @@ class Server:
             text, model = "".join(pieces), self.config.model_id
             body = (oa.chat_response(rid, model, text, req.finish_reason, self._usage(req)) if chat
                     else oa.text_response(rid, model, text, req.finish_reason, self._usage(req)))
-            return JSONResponse(body)
+            return JSONResponse({**body, "stats": request_stats(req)})
 
     async def _sse(self, req: Request, queue: asyncio.Queue, rid: str, chat: bool,
                    include_usage: bool) -> AsyncIterator[str]:
@@ -223,12 +260,13 @@ class Server:
                 if err is not None:
                     yield _event(err.body())
                 elif chat:
-                    yield _event(oa.chat_chunk(rid, model, {}, req.finish_reason))
+                    yield _event({**oa.chat_chunk(rid, model, {}, req.finish_reason), "stats": request_stats(req)})
                     if include_usage:
                         yield _event(oa.chat_chunk(rid, model, {}, use=self._usage(req), choices=False))
                 else:
-                    yield _event(oa.text_response(rid, model, "", req.finish_reason,
-                                                  self._usage(req) if include_usage else None))
+                    yield _event({**oa.text_response(rid, model, "", req.finish_reason,
+                                                     self._usage(req) if include_usage else None),
+                                  "stats": request_stats(req)})
                 yield "data: [DONE]\n\n"
                 return
         finally:

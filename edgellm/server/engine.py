@@ -68,6 +68,7 @@ class Request:
     deadline: float | None = None  # time.monotonic() after which the request is cut off
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False  # set by the HTTP side when the client goes away
+    asked: bool = False  # the client asked to stop it (POST /v1/edgellm/cancel/ID): an answer, not an error
     # filled in by the engine
     out: list[int] = field(default_factory=list)
     text: str = ""
