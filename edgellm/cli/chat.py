@@ -19,9 +19,15 @@ multi-line input: end a line with \\ to continue it, or wrap a block in triple q
 @click.option("--prompt-state", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A state file from `edgellm cache-prompt` (skips re-reading the system prompt).")
 @click.option("--truncate", is_flag=True, help="When the history outgrows the context, drop the oldest turns.")
+@click.option("--web", is_flag=True,
+              help="Chat in the browser instead: serve the chat page on 127.0.0.1 and open it.")
+@click.option("--port", type=int, default=8080, show_default=True,
+              help="With --web: the port (the page keeps conversations per address, so keep it fixed; 0 = any free).")
+@click.option("--no-browser", is_flag=True, help="With --web: print the page's address, do not open a browser.")
 @model_options
 @sampling_options
-def command(model: str | None, system: str | None, prompt_state: str | None, truncate: bool, **kw) -> None:
+def command(model: str | None, system: str | None, prompt_state: str | None, truncate: bool, web: bool, port: int,
+            no_browser: bool, **kw) -> None:
     """Chat with a model in the terminal (default: the embedded SmolLM2-135M).
 
     Answers stream as they are generated, using the model's own chat template (rendered in a
@@ -29,14 +35,21 @@ def command(model: str | None, system: str | None, prompt_state: str | None, tru
     reused, in memory and on disk (so a restarted chat picks up where it was). Ctrl-C stops an
     answer and returns to the prompt with the history intact; Ctrl-D or /exit quits.
 
+    With --web the same model answers in a chat page in your browser (edgellm serve's page, on
+    127.0.0.1 only): several conversations kept in the browser, a stop button, per-answer speed and
+    KV-cache figures, the device plan. Ctrl-C stops the server.
+
     \b
-    Example:
+    Examples:
       edgellm chat --system "You are a concise assistant." -t 0
+      edgellm chat --web                       opens http://127.0.0.1:8080/
     """
     import edgellm
     from edgellm.errors import EdgeLLMError
 
     lk, sk = load_kwargs(kw), sampling_kwargs(kw)
+    if web:
+        return _web(model, system, prompt_state, truncate, port, not no_browser, lk, sk)
     with err.status("loading model …") if err.is_terminal else _null():
         llm = edgellm.load(model, prompt_state=prompt_state, **lk)
     conv = llm.conversation(system=system, **sk)
@@ -78,6 +91,41 @@ def command(model: str | None, system: str | None, prompt_state: str | None, tru
         except KeyboardInterrupt:
             err.print("[dim](interrupted)[/dim]")
     llm.close()
+
+
+WEB_SLOTS = 2  # answers in flight at once (a second tab); each slot also keeps one conversation's KV
+
+
+def _web(model: str | None, system: str | None, prompt_state: str | None, truncate: bool, port: int,
+         browser: bool, lk: dict, sk: dict) -> None:
+    """The chat page on loopback, through the library's server (edgellm.server), not the serve verb."""
+    import edgellm
+    from edgellm.errors import UsageError
+
+    from ..server import EdgeServer, ServeConfig
+    from ..server.introspect import model_id
+    from ..server.web import open_when_ready
+
+    if truncate or sk["stop"]:
+        raise UsageError("--truncate and --stop are terminal-chat options; the page sets its own per conversation")
+    if not 0 <= port < 65536:
+        raise UsageError(f"--port must be 0-65535, got {port}")
+    lk["disk_cache"] = False  # the server keeps states in memory (per-request disk writes would stall decoding)
+    with err.status("loading model …") if err.is_terminal else _null():
+        session = edgellm.load(model, parallel=WEB_SLOTS, sampler=sk["sampler"], **lk)
+    name = model_id(model, session.model_path)
+    config = ServeConfig(model_id=name, parallel=WEB_SLOTS, default_max_tokens=sk["max_tokens"], system=system,
+                         system_state=prompt_state)
+    try:
+        server = EdgeServer(session, config, host="127.0.0.1", port=port)
+        err.print(f"edgellm chat --web: {name} ({session.plan.backend} on {session.plan.device}, "
+                  f"{WEB_SLOTS} slots of {session.n_ctx} tokens, max tokens {sk['max_tokens']}, "
+                  f"temperature {sk['sampler'].temperature:g}) — Ctrl-C to stop", soft_wrap=True, markup=False)
+        open_when_ready(lambda: server.uvicorn.started, lambda: f"http://127.0.0.1:{server.port}/", browser=browser,
+                        say=lambda m: err.print(m, soft_wrap=True, markup=False))
+        server.run()
+    finally:
+        session.close()
 
 
 def _answer(conv, text: str):
