@@ -12,6 +12,14 @@ from .checkpoint import Checkpoint, ModelConfig
 from .heap import retained_heap
 from .reference import Dims, ImatrixCollector, embed, head, layer
 
+GRAM_LIMIT = 2 << 30     # float32 Gram matrices beyond this are not collected (400 MB for SmolLM2-135M)
+
+
+def gram_bytes(config: ModelConfig) -> int:
+    """What the Gram matrices of every distinct linear input (input_statistics(gram=True)) take in float32."""
+    c = config
+    return 4 * (c.num_hidden_layers * (3 * c.hidden_size ** 2 + c.intermediate_size ** 2) + c.hidden_size ** 2)
+
 
 def dims_of(config: ModelConfig) -> Dims:
     return Dims(n_layer=config.num_hidden_layers, n_embd=config.hidden_size, n_head=config.num_attention_heads,

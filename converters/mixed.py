@@ -7,6 +7,14 @@ Picking one option per tensor to minimise the summed cost under the budget is a 
 knapsack, solved by a Lagrangian sweep plus a greedy fill of the leftover bytes (hand-written: no
 library here does it). The chosen types go back to llama.cpp's quantizer as exact per-tensor overrides,
 and the recipe is saved next to the model so the choice can be read, reviewed and reapplied.
+
+With the calibration Gram matrices (`grams`), every type edgellm can write itself (converters/gguf_blocks.py)
+is offered a second time with GPTQ rounding, beside llama.cpp's, at the same bytes. GPTQ's errors are
+correlated across a row on purpose (they cancel in x·w), which a diagonal Fisher cannot see, so then every
+option of a tensor with a Gram is costed by the Kronecker-factored Fisher ½ Σ_i a_i e_i H e_iᵀ per token
+(a_i: row i's mean squared output gradient, from the Fisher's row sums; H: the mean x xᵀ of its input),
+which equals the diagonal cost for uncorrelated errors. The recipe lists the tensors whose blocks GPTQ
+writes; they are patched into llama.cpp's output (converters/gguf_gptq.py).
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ class Option:
     type: str
     bytes: int
     cost: float      # predicted mean KL divergence added per token
+    rounding: str = "llama.cpp"    # or "gptq": edgellm's error-compensated blocks of the same type and size
 
 
 @dataclass
@@ -49,16 +58,20 @@ class Recipe:
     types: dict[str, str]                     # GGUF tensor name -> ggml type
     sensitivity_tokens: int = 0
     label: str = ""                           # the llama.cpp file type written into general.file_type
-    options: dict[str, list[list]] = field(default_factory=dict)   # name -> [[type, bytes, cost], ...]
+    options: dict[str, list[list]] = field(default_factory=dict)   # name -> [[type, bytes, cost, rounding], ...]
+    gptq: list[str] = field(default_factory=list)                  # tensors whose blocks edgellm's GPTQ writes
 
     @property
     def total_bytes(self) -> int:
         return self.overhead_bytes + self.tensor_bytes
 
     def histogram(self) -> dict[str, int]:
+        """Tensor count per type; GPTQ-rounded ones as e.g. "Q4_0+gptq"."""
         out: dict[str, int] = {}
-        for t in self.types.values():
-            out[t] = out.get(t, 0) + 1
+        gptq = set(self.gptq)
+        for n, t in self.types.items():
+            key = f"{t}+gptq" if n in gptq else t
+            out[key] = out.get(key, 0) + 1
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -128,9 +141,10 @@ def choose(options: Mapping[str, list[Option]], budget: int) -> dict[str, Option
 
 def measure_options(ckpt: Checkpoint, ref_gguf: Path, fisher: Mapping[str, np.ndarray], n_tokens: int,
                     imatrix: Mapping[str, np.ndarray] | None, workdir: Path, *, types: tuple[str, ...] = tuple(CANDIDATES),
-                    threads: int | None = None, progress: Progress | None = None
-                    ) -> tuple[dict[str, list[Option]], int]:
-    """Each quantizable tensor's options (real bytes, predicted KLD cost) and the file's fixed overhead."""
+                    threads: int | None = None, progress: Progress | None = None,
+                    grams: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, list[Option]], int]:
+    """Each quantizable tensor's options (real bytes, predicted KLD cost) and the file's fixed overhead.
+    With `grams`: GPTQ options too, and Kronecker-factored costs for every tensor that has a Gram."""
     from edgellm.gguf_check import validate_gguf
 
     from .gguf_source import read_gguf
@@ -154,6 +168,7 @@ def measure_options(ckpt: Checkpoint, ref_gguf: Path, fisher: Mapping[str, np.nd
         files[t] = (read_gguf(dest), table)
     if progress:
         progress("quantize candidates", len(types), len(types))
+    kfac = _row_weights(ckpt, fisher, n_tokens, grams) if grams else {}
     options: dict[str, list[Option]] = {}
     for i, (name, hf) in enumerate(sorted(weights.items())):
         ref = np.asarray(ckpt.tensors.load(hf), np.float32)
@@ -163,14 +178,60 @@ def measure_options(ckpt: Checkpoint, ref_gguf: Path, fisher: Mapping[str, np.nd
             got, nbytes = table[name]
             if got != t:          # llama.cpp fell back: the fallback type has its own run
                 continue
-            delta = cand.tensors.load(hf) - ref
-            opts.append(Option(t, nbytes, float(0.5 * np.einsum("ij,ij->", f, delta * delta) / n_tokens)))
+            values = cand.tensors.load(hf)
+            if name in kfac:
+                cost = _kfac_cost(ref, values, *kfac[name])
+            else:
+                delta = values - ref
+                cost = float(0.5 * np.einsum("ij,ij->", f, delta * delta) / n_tokens)
+            opts.append(Option(t, nbytes, cost))
         if not opts:
             raise InvalidModelError(f"no candidate type fits tensor {name} (shape {list(ref.shape)})")
         options[name] = opts
         if progress:
             progress("measure errors", i + 1, len(weights))
+    if kfac:
+        _add_gptq_options(ckpt, options, weights, kfac, grams, threads, progress)
     return options, overhead
+
+
+def _row_weights(ckpt: Checkpoint, fisher: Mapping[str, np.ndarray], n_tokens: int,
+                 grams: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """GGUF name -> (a, H) for the Kronecker-factored cost: F_ij ≈ n · a_i · H_jj gives a_i = Σ_j F_ij / (n · tr H)."""
+    from .gguf_gptq import gram_key
+
+    to_gguf = gguf_tensor_names(ckpt.config)
+    out = {}
+    for hf, f in fisher.items():
+        key = gram_key(ckpt.config, hf)
+        if key is None or key not in grams:
+            continue
+        h = grams[key]
+        out[to_gguf[hf]] = (f.sum(1) / (n_tokens * max(float(np.trace(h)), 1e-30)), h)
+    return out
+
+
+def _kfac_cost(ref: np.ndarray, values: np.ndarray, a: np.ndarray, h: np.ndarray) -> float:
+    from .gptq import values_error
+
+    return 0.5 * values_error(ref, values, h, row_weight=a)
+
+
+def _add_gptq_options(ckpt: Checkpoint, options: dict[str, list[Option]], weights: Mapping[str, str],
+                      kfac: Mapping[str, tuple[np.ndarray, np.ndarray]], grams: Mapping[str, np.ndarray],
+                      threads: int | None, progress: Progress | None) -> None:
+    """For each type llama.cpp offered a tensor that GPTQ can also write: the GPTQ option, same bytes."""
+    from .gguf_blocks import GPTQ_TYPES
+    from .gguf_gptq import gptq_many
+
+    jobs = [(name, o) for name in sorted(kfac) for o in options[name] if o.type in GPTQ_TYPES]
+    for t in sorted({o.type for _, o in jobs}):
+        batch = {name: o for name, o in jobs if o.type == t}
+        done = gptq_many(ckpt, grams, {name: (weights[name], t) for name in batch}, threads=threads,
+                         progress=None if progress is None else (lambda d, n, t=t: progress(f"gptq {t}", d, n)))
+        for name, b in done.items():
+            ref = np.asarray(ckpt.tensors.load(weights[name]), np.float32)
+            options[name].append(Option(t, batch[name].bytes, _kfac_cost(ref, b.values, *kfac[name]), "gptq"))
 
 
 def plan(options: Mapping[str, list[Option]], overhead: int, budget_bytes: int, sensitivity_tokens: int) -> Recipe:
@@ -190,7 +251,8 @@ def plan(options: Mapping[str, list[Option]], overhead: int, budget_bytes: int, 
     return Recipe(budget_bytes=budget_bytes, overhead_bytes=overhead, tensor_bytes=sum(o.bytes for o in sel.values()),
                   predicted_kld=sum(o.cost for o in sel.values()), types={n: o.type for n, o in sorted(sel.items())},
                   sensitivity_tokens=sensitivity_tokens, label=label,
-                  options={n: [[o.type, o.bytes, o.cost] for o in opts] for n, opts in sorted(options.items())})
+                  options={n: [[o.type, o.bytes, o.cost, o.rounding] for o in opts] for n, opts in sorted(options.items())},
+                  gptq=sorted(n for n, o in sel.items() if o.rounding == "gptq"))
 
 
 def check_recipe(recipe: Recipe, ckpt: Checkpoint) -> None:
@@ -204,6 +266,11 @@ def check_recipe(recipe: Recipe, ckpt: Checkpoint) -> None:
     bad = sorted(t for t in set(recipe.types.values()) if t not in CANDIDATES)
     if bad:
         raise UsageError(f"the recipe uses unknown type {bad[0]}; known: {', '.join(CANDIDATES)}")
+    from .gguf_blocks import GPTQ_TYPES
+
+    odd = sorted(n for n in recipe.gptq if recipe.types.get(n) not in GPTQ_TYPES)
+    if odd:
+        raise UsageError(f"the recipe asks for GPTQ blocks of tensor {odd[0]}, whose type edgellm cannot write")
 
 
 def parse_size(text: str) -> int:

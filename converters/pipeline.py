@@ -1,6 +1,7 @@
 """`edgellm convert` end to end: read (HF dir or GGUF) → calibrate → quantize → write, atomically."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 from edgellm.atomic import sweep_stale, temp_prefix
 from edgellm.errors import UsageError
 
-from .calibrate import compute_imatrix
+from .calibrate import GRAM_LIMIT, compute_imatrix, gram_bytes, input_statistics
 from .evaluate import evaluate
 from .quantize import QUANT_TYPES, ftype_of, quantize
 
@@ -32,6 +33,7 @@ class ConvertResult:
     imatrix_tokens: int = 0
     stages: dict[str, float] = field(default_factory=dict)
     recipe: dict[str, int] | None = None        # type -> tensor count, for --target-size
+    gptq: dict | None = None                   # what GPTQ rounding did (gguf_gptq.GptqReport.to_dict())
     evaluation: dict | None = None             # EvalResult.to_dict() against the source, for --eval
     fallbacks: dict[str, int] = field(default_factory=dict)   # types used where a K-quant did not fit the rows
 
@@ -58,7 +60,7 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
             threads: int | None = None, progress: Progress | None = None, target_size: int | None = None,
             target_bpw: float | None = None, recipe: str | os.PathLike[str] | None = None,
             sensitivity_tokens: int = 1024, eval_text: str | None = None,
-            transform: Callable | None = None) -> ConvertResult:
+            transform: Callable | None = None, gptq: bool | None = None) -> ConvertResult:
     """Convert `source` into `output` (GGUF quantized to `quant`, or a HF directory with to='hf').
 
     For quantized types the importance matrix is computed from `calib_text` (default: the
@@ -69,6 +71,11 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
     under that budget (converters/mixed.py) and saves the recipe beside the output; `recipe` reapplies
     a saved one. `eval_text` scores the result against its source (mean KLD, PPL) before the staging
     files go. `transform` (checkpoint -> checkpoint) runs right after reading: pruning and distillation.
+
+    `gptq`: also round with GPTQ (converters/gguf_gptq.py) from the calibration Gram matrices — per tensor,
+    the blocks with the lower measured output error are kept, llama.cpp's or GPTQ's; with a size target the
+    GPTQ variants are options of their own. Default (None): on for target_size/target_bpw/recipe, off for a
+    plain preset (whose conversion time stays that of llama.cpp's route; GPTQ's cost is its own stage).
     """
     from edgellm import store
 
@@ -85,6 +92,10 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
                          "the types themselves: drop --quant, --to hf and --no-imatrix")
     if sum(x is not None for x in (target_size, target_bpw, recipe)) > 1:
         raise UsageError("give one of --target-size, --target-bpw and --recipe")
+    if gptq and (to != "gguf" or quant in FLOAT_TYPES or not imatrix):
+        raise UsageError("--gptq rounds quantized GGUF blocks from calibration statistics: it needs a quantized "
+                         "--quant (or a size target), --to gguf, and no --no-imatrix")
+    use_gptq = mixed if gptq is None else gptq
     quant = "AUTO" if mixed else quant
     if to == "gguf" and not mixed:
         ftype_of(quant)
@@ -130,21 +141,26 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
             t = time.perf_counter()
             write_gguf(ckpt, base, kind, progress=_stage(progress, f"stage {kind}"))
             stages["stage"] = time.perf_counter() - t
-        im, tokens, rec = None, [], None
+        im, tokens, rec, grams, report = None, [], None, {}, None
         if imatrix:
             t = time.perf_counter()
             tokens = calibration_tokens(base, calib_text, calib_tokens)
-            im = compute_imatrix(ckpt, tokens, threads=threads, progress=_stage(progress, "calibrate"))
+            with_gram = use_gptq and gram_bytes(ckpt.config) <= GRAM_LIMIT
+            im, grams = input_statistics(ckpt, tokens, threads=threads, gram=with_gram,
+                                         progress=_stage(progress, "calibrate"))
             stages["imatrix"] = time.perf_counter() - t
         if mixed:
             t = time.perf_counter()
             rec = size_recipe(ckpt, base, im, tokens[:sensitivity_tokens], target_size, recipe, work, threads,
-                              progress)
+                              progress, grams=grams)
             stages["recipe"] = time.perf_counter() - t
         t = time.perf_counter()
-        qr = quantize(base, out, rec.label if rec else quant, threads=threads, imatrix=im,
-                      overrides=rec.types if rec else None)
-        stages["quantize"] = time.perf_counter() - t
+        qr, report = write_quantized(ckpt, base, out, rec.label if rec else quant, work, imatrix=im,
+                                     overrides=rec.types if rec else None, grams=grams if use_gptq else None,
+                                     only=set(rec.gptq) if rec else None, threads=threads, progress=progress)
+        stages["quantize"] = time.perf_counter() - t - (report.seconds if report else 0.0)
+        if report is not None:
+            stages["gptq"] = report.seconds
         if rec is not None:
             from .mixed import recipe_path
             rec.save(recipe_path(out))
@@ -157,7 +173,31 @@ def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, q
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return done("gguf", "mixed" if rec else quant, len(tokens), recipe=rec and rec.histogram(), evaluation=scores,
-                fallbacks=qr.fallbacks)
+                fallbacks=qr.fallbacks, gptq=report and report.to_dict())
+
+
+def write_quantized(ckpt, base: Path, out: Path, quant: str, work: Path, *, imatrix=None, overrides=None,
+                    grams=None, only: set[str] | None = None, threads: int | None = None,
+                    progress: Progress | None = None):
+    """llama.cpp's quantizer writes `base` as `quant` (with per-tensor `overrides`); with `grams`, GPTQ then
+    rounds the tensors it can (only those in `only`, unconditionally, when a recipe chose them; else each
+    where its output error is lower) and patches them in. `out` appears atomically. Returns the quantizer's
+    result and the GPTQ report (None without grams)."""
+    from edgellm.atomic import atomic_path
+    from edgellm.gguf_check import validate_gguf
+
+    if not grams:
+        return quantize(base, out, quant, threads=threads, imatrix=imatrix, overrides=overrides), None
+    from .gguf_gptq import improve_file
+
+    staged = work / "quantized.gguf"
+    qr = quantize(base, staged, quant, threads=threads, imatrix=imatrix, overrides=overrides)
+    report = improve_file(staged, ckpt, grams, force=only is not None, only=only, threads=threads,
+                          progress=_stage(progress, "gptq"))
+    validate_gguf(staged)
+    with atomic_path(out) as tmp:
+        os.replace(staged, tmp)
+    return dataclasses.replace(qr, path=Path(out)), report
 
 
 def staging_type(ckpt, exact_reference: bool = False) -> str:
@@ -171,7 +211,7 @@ def staging_type(ckpt, exact_reference: bool = False) -> str:
 
 
 def size_recipe(ckpt, base: Path, imatrix, tokens: list[int], target_size: int | None, recipe, work: Path,
-                threads: int | None, progress: Progress | None):
+                threads: int | None, progress: Progress | None, grams=None):
     """The per-tensor types for `target_size` (measured here), or a saved recipe checked against the model."""
     from .mixed import Recipe, check_recipe, measure_options, plan
     from .sensitivity import fisher_diagonals
@@ -181,7 +221,8 @@ def size_recipe(ckpt, base: Path, imatrix, tokens: list[int], target_size: int |
         check_recipe(rec, ckpt)
         return rec
     fisher, n = fisher_diagonals(ckpt, tokens, threads=threads, progress=_stage(progress, "sensitivity"))
-    options, overhead = measure_options(ckpt, base, fisher, n, imatrix, work, threads=threads, progress=progress)
+    options, overhead = measure_options(ckpt, base, fisher, n, imatrix, work, threads=threads, progress=progress,
+                                        grams=grams or None)
     return plan(options, overhead, target_size, n)
 
 

@@ -17,7 +17,7 @@ from edgellm.errors import UsageError
 
 from .checkpoint import Checkpoint
 from .evaluate import evaluate
-from .pipeline import FLOAT_TYPES, Progress, calibration_imatrix
+from .pipeline import FLOAT_TYPES, Progress, calibration_imatrix, write_quantized
 from .quantize import ftype_of, quantize
 
 VARIANTS = ("llama.cpp", "edgellm")
@@ -94,15 +94,16 @@ def sweep(reference_f32: Path, types: Sequence[str], *, ckpt: Checkpoint | None 
 
 def mixed_options(ckpt: Checkpoint, ref: Path, imatrix: dict, *, calib_text: str | None, calib_tokens: int,
                   sens_tokens: int, workdir: Path, threads: int | None = None, cache: Path | None = None,
-                  progress: Progress | None = None):
-    """--target-size's per-tensor options (Fisher + one llama.cpp run per type); reused from `cache` if newer."""
+                  progress: Progress | None = None, grams: dict | None = None):
+    """--target-size's per-tensor options (Fisher + one llama.cpp run per type, and GPTQ's with `grams`);
+    reused from `cache` if newer."""
     import json
 
     from .mixed import Option, measure_options
     from .pipeline import calibration_tokens
     from .sensitivity import fisher_diagonals
 
-    digest = _digest(imatrix)     # the candidates were quantized with this importance matrix
+    digest = _digest(imatrix) + ("+gptq" if grams else "")   # the candidates were made with this calibration
     if cache is not None and cache.exists() and cache.stat().st_mtime > Path(ref).stat().st_mtime:
         data = json.loads(cache.read_text())
         if data.get("imatrix") == digest:
@@ -110,11 +111,13 @@ def mixed_options(ckpt: Checkpoint, ref: Path, imatrix: dict, *, calib_text: str
     tokens = calibration_tokens(ref, calib_text, calib_tokens)[:sens_tokens]
     fisher, n = fisher_diagonals(ckpt, tokens, threads=threads,
                                  progress=None if progress is None else lambda d, t: progress("sensitivity", d, t))
-    options, overhead = measure_options(ckpt, ref, fisher, n, imatrix, workdir, threads=threads, progress=progress)
+    options, overhead = measure_options(ckpt, ref, fisher, n, imatrix, workdir, threads=threads, progress=progress,
+                                        grams=grams)
     for f in workdir.glob("candidate-*.gguf"):
         f.unlink()
     if cache is not None:
-        cache.write_text(json.dumps({"options": {k: [[o.type, o.bytes, o.cost] for o in v] for k, v in options.items()},
+        cache.write_text(json.dumps({"options": {k: [[o.type, o.bytes, o.cost, o.rounding] for o in v]
+                                                 for k, v in options.items()},
                                      "overhead": overhead, "tokens": n, "imatrix": digest}))
     return options, overhead, n
 
@@ -130,10 +133,12 @@ def _digest(imatrix: dict) -> str:
 
 def mixed_rows(ref: Path, sizes: Sequence[int], options, overhead: int, n_tokens: int, imatrix: dict, *,
                text: str | None = None, ctx: int = 512, max_chunks: int | None = 4, workdir: Path,
-               threads: int | None = None, without: str | None = None) -> list[dict]:
+               threads: int | None = None, without: str | None = None, ckpt: Checkpoint | None = None,
+               grams: dict | None = None, label: str = "edgellm mixed") -> list[dict]:
     """One "edgellm mixed" row per target size: plan, quantize with the per-tensor types, score.
 
-    `without`: leave that type out of every tensor's options (e.g. the grid a reference lies on)."""
+    `without`: leave that type out of every tensor's options (e.g. the grid a reference lies on).
+    GPTQ options (when `options` has them) need `ckpt` and `grams` to write their blocks."""
     from edgellm.texts import heldout_text
 
     from .mixed import plan
@@ -144,14 +149,15 @@ def mixed_rows(ref: Path, sizes: Sequence[int], options, overhead: int, n_tokens
     for size in sizes:
         recipe = plan(options, overhead, size, n_tokens)
         dest = Path(workdir) / f"mixed-{size}.gguf"
-        quantize(ref, dest, recipe.label, threads=threads, imatrix=imatrix, overrides=recipe.types)
+        write_quantized(ckpt, ref, dest, recipe.label, Path(workdir), imatrix=imatrix, overrides=recipe.types,
+                        grams=grams if recipe.gptq else None, only=set(recipe.gptq), threads=threads)
         try:
             r = evaluate(dest, ref, heldout_text() if text is None else text, ctx=ctx, threads=threads,
                          max_chunks=max_chunks)
         finally:
             dest.unlink(missing_ok=True)
         name = f"mixed {size / 1e6:.1f}MB" + (f" no {without}" if without else "")
-        rows.append({**score_row("edgellm mixed", name, r.size_bytes, r),
+        rows.append({**score_row(label, name, r.size_bytes, r),
                      "target_bytes": size, "predicted_kld": recipe.predicted_kld, "types": recipe.histogram()})
     return rows
 
