@@ -27,6 +27,7 @@ from edgellm.atomic import atomic_path
 from edgellm.errors import ConversionError, UsageError
 
 from .checkpoint import Checkpoint, gguf_tensor_names
+from .genai_config import write_genai_config
 from .gptq import gptq_blocks, inverse_factor
 from .onnx_graph import WeightPlan, build_graph, fused_units, unit_weight
 from .onnx_quant import BitChoice, allocate_bits, quantize_blocks
@@ -117,6 +118,7 @@ def write_onnx_dir(ckpt: Checkpoint, model, dest: Path, flavour: str, quant: str
             write_tokenizer(ckpt, tmp)
             facts = model_facts(ckpt, flavour, quant)
             (tmp / CONFIG_FILE).write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
+            write_genai_config(tmp, facts, num_attention_heads=ckpt.config.num_attention_heads)  # genai folder
     except OSError as e:
         what = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
         raise ConversionError(f"could not write {dest}: {what}") from None

@@ -85,3 +85,15 @@ class GenerationInterrupted(EdgeLLMError):
     """The user interrupted generation (Ctrl-C)."""
 
     exit_code = 130
+
+
+class MissingToolError(EdgeLLMError):
+    """An external tool a command needs (apt or npm package) is not installed; the message names it."""
+
+    exit_code = 13
+
+
+class PackagingError(EdgeLLMError):
+    """Building a mobile app package failed (a pinned binary, a build step, a check of the result)."""
+
+    exit_code = 14

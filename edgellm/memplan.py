@@ -75,6 +75,27 @@ BOARDS: dict[str, Board] = {b.name: b for b in (
     Board("pi5-16gb", 16 * GiB, 15500 * MiB, "cortex-a76", 4, _A76, dotprod=True),
 )}
 
+# Phone classes for `edgellm package android|ios`: RAM, and what one foreground app may use before the
+# OS ends it (Android's low-memory killer, iOS's jetsam limit without the increased-memory
+# entitlement). Usable is ~40 % of RAM on Android and ~50 % on iPhone: public platform guidance and
+# developer reports, not measured here; a phone proves the real figure.
+PHONES: dict[str, Board] = {b.name: b for b in (
+    Board("android-3gb", 3 * GiB, 1200 * MiB, "cortex-a55", 8, ()),
+    Board("android-4gb", 4 * GiB, 1600 * MiB, "cortex-a76", 8, (), dotprod=True),
+    Board("android-6gb", 6 * GiB, 2400 * MiB, "cortex-a78", 8, (), dotprod=True),
+    Board("android-8gb", 8 * GiB, 3200 * MiB, "cortex-x1", 8, (), dotprod=True),
+    Board("iphone-4gb", 4 * GiB, 2000 * MiB, "apple-a15", 6, (), dotprod=True),
+    Board("iphone-6gb", 6 * GiB, 3000 * MiB, "apple-a16", 6, (), dotprod=True),
+    Board("iphone-8gb", 8 * GiB, 4000 * MiB, "apple-a17", 6, (), dotprod=True),
+)}
+
+
+def phone(name: str) -> Board:
+    try:
+        return PHONES[name]
+    except KeyError:
+        raise UsageError(f"unknown phone class {name!r}: choose one of {', '.join(PHONES)}") from None
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
