@@ -1,15 +1,23 @@
 # Two commands for a fresh machine (see README):
 #   make demo   set up, fetch the embedded model, convert it, answer a prompt
-#   make test   set up and run the test suite (what CI runs)
+#   make test   set up, lint, and run the whole test suite (what CI runs: .ci/run)
+# and for working on it:
+#   make fast   the fast tier (pytest -m "not slow", a couple of minutes)
+#   make report regenerate benchmarks/README.md from benchmarks/out/*.json
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test fast demo bench report clean
 setup:
 	bash .ci/setup.sh
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+fast: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 demo:
 	EXTRAS= bash .ci/setup.sh
@@ -17,6 +25,9 @@ demo:
 
 bench: setup
 	$(PY) benchmarks/runtime_bench.py
+
+report:
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -236,7 +236,7 @@ def _add_gptq_options(ckpt: Checkpoint, options: dict[str, list[Option]], weight
 
 def plan(options: Mapping[str, list[Option]], overhead: int, budget_bytes: int, sensitivity_tokens: int) -> Recipe:
     """The recipe for `budget_bytes` (whole file), or a one-line refusal saying what sizes are possible."""
-    from edgellm.cli.output import human_bytes
+    from edgellm.sizes import human_bytes
 
     lo = overhead + sum(min(o.bytes for o in opts) for opts in options.values())
     hi = overhead + sum(max(o.bytes for o in opts) for opts in options.values())

@@ -55,6 +55,17 @@ def read_checkpoint(path: Path, kind: str):
     raise UsageError(f"cannot convert a {kind} model; sources are Hugging Face directories and GGUF files")
 
 
+def write_checkpoint(ckpt, output: Path, to: str = "gguf", out_type: str = "F16",
+                     progress: Callable[[str, int, int], None] | None = None) -> None:
+    """Write an (unquantized) checkpoint as a GGUF file or a Hugging Face directory, atomically."""
+    if to == "hf":
+        from .hf_writer import write_hf
+        write_hf(ckpt, output, out_type)
+    else:
+        from .gguf_writer import write_gguf
+        write_gguf(ckpt, output, out_type, progress=None if progress is None else (lambda d, t: progress("write", d, t)))
+
+
 def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, quant: str = "Q4_K_M",
             to: str = "gguf", calib_text: str | None = None, imatrix: bool = True, calib_tokens: int = 2048,
             threads: int | None = None, progress: Progress | None = None, target_size: int | None = None,
@@ -235,7 +246,7 @@ def check_disk(out: Path, n_params: int, quant: str, staged: bool) -> None:
     parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(parent).free
     if free < need:
-        from edgellm.cli.output import human_bytes
+        from edgellm.sizes import human_bytes
         from edgellm.errors import ConversionError
         raise ConversionError(f"not enough disk space at {parent}: this conversion needs about {human_bytes(need)}, "
                               f"{human_bytes(free)} is free")

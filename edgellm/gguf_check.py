@@ -14,18 +14,17 @@ from __future__ import annotations
 import os
 import struct
 from array import array
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO
 
 import gguf
 from gguf import GGUFValueType as VT
 
 from edgellm.errors import InvalidModelError, UnsupportedModelError
-from edgellm.gguf_rules import (  # noqa: F401  (rule names stay importable from here)
-    _ARCH_NAMES, _STR, _U32, MAX_EXPERTS, MAX_HPARAM, MAX_LAYERS, PRE_TOKENIZERS, ROPE_SCALING_TYPES,
-    TOKEN_ID_KEYS, TOKENIZER_MODELS, _check_arch, _check_key_types, _check_merges, _check_tokenizer, _q)
+from edgellm.gguf_info import MAX_STRING, ArraySummary, Cursor, GGUFInfo, TensorInfo, quote
+from edgellm.gguf_rules import ARCH_NAMES, STR, U32, check_arch, check_key_types, check_merges, check_tokenizer
 
-MAX_STRING = 16 << 20          # one metadata string (chat templates, HF tokenizer JSON fit easily)
+__all__ = ["ArraySummary", "GGUFInfo", "TensorInfo", "validate_gguf", "validate_gguf_stream"]
+
 MAX_KEY = 65535                # GGUF spec limit on key length
 MAX_COUNT = 1_000_000          # tensors or KV pairs
 MAX_ELEMENTS = 1 << 40         # per tensor and per dimension
@@ -39,190 +38,6 @@ _SCALAR = {VT.UINT8: "B", VT.INT8: "b", VT.UINT16: "H", VT.INT16: "h", VT.UINT32
            VT.FLOAT32: "f", VT.BOOL: "B", VT.UINT64: "Q", VT.INT64: "q", VT.FLOAT64: "d"}
 _U64 = struct.Struct("<Q")
 _TK = gguf.Keys.Tokenizer
-
-
-@dataclass(frozen=True)
-class ArraySummary:
-    """Stand-in for a long metadata array (e.g. 49k tokens): keeps memory bounded, keeps the facts."""
-    type_name: str
-    length: int
-
-    def __len__(self) -> int:
-        return self.length
-
-
-@dataclass
-class TensorInfo:
-    """One tensor-table entry; shape is in ggml order (ne0 first), offset absolute in the file."""
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: int
-    type_name: str
-    offset: int
-    n_bytes: int
-    n_elements: int
-
-
-@dataclass
-class GGUFInfo:
-    """Everything the header says, after validation; tensor data is never read."""
-    path: str
-    file_size: int
-    version: int
-    alignment: int
-    data_offset: int
-    metadata: dict[str, Any]
-    tensors: list[TensorInfo]
-    kv_types: dict[str, str] = field(default_factory=dict, repr=False)
-
-    @property
-    def architecture(self) -> str:
-        return str(self.metadata.get(gguf.Keys.General.ARCHITECTURE, ""))
-
-    @property
-    def n_params(self) -> int:
-        return sum(t.n_elements for t in self.tensors)
-
-    def bytes_by_type(self) -> dict[str, tuple[int, int]]:
-        """Tensor count and data bytes per ggml type: what the quantization really is."""
-        out: dict[str, tuple[int, int]] = {}
-        for t in self.tensors:
-            n, b = out.get(t.type_name, (0, 0))
-            out[t.type_name] = (n + 1, b + t.n_bytes)
-        return out
-
-    @property
-    def file_type_name(self) -> str | None:
-        """general.file_type as llama.cpp names it ('Q4_1', 'Q4_K_M', ...); None when absent."""
-        ft = self.metadata.get(gguf.Keys.General.FILE_TYPE)
-        if not isinstance(ft, int):
-            return None
-        try:
-            name = gguf.LlamaFileType(ft & ~gguf.LlamaFileType.GUESSED).name
-        except ValueError:
-            return f"unknown({ft})"
-        return "F32" if name == "ALL_F32" else name.removeprefix("MOSTLY_")
-
-    def quant_summary(self) -> str:
-        """The ggml type holding most of the tensor bytes (the file's effective quantization)."""
-        by = self.bytes_by_type()
-        return max(by, key=lambda k: by[k][1]) if by else "none"
-
-    def hparams(self) -> dict[str, Any]:
-        """Core hyper-parameters (per-layer ones may be lists); vocab_size falls back to the token count."""
-        a, m = self.architecture, self.metadata
-        out = {k: m.get(f"{a}.{key}") for k, key in (
-            ("block_count", "block_count"), ("embedding_length", "embedding_length"),
-            ("feed_forward_length", "feed_forward_length"), ("head_count", "attention.head_count"),
-            ("head_count_kv", "attention.head_count_kv"), ("context_length", "context_length"),
-            ("vocab_size", "vocab_size"))}
-        if out["head_count_kv"] is None:
-            out["head_count_kv"] = out["head_count"]
-        if out["vocab_size"] is None and _TK.LIST in m:
-            out["vocab_size"] = len(m[_TK.LIST])
-        return out
-
-
-class _Cursor:
-    """Little-endian reader over a stream that never reads past the stated file size."""
-
-    def __init__(self, f: BinaryIO, size: int, name: str) -> None:
-        self.f, self.size, self.name = f, size, name
-        self.buf, self.pos, self.base = b"", 0, 0
-        self.tokens: list[bytes] | None = None      # kept until the tokenizer checks, then dropped
-        self.token_types: array | None = None
-
-    def fail(self, msg: str) -> NoReturn:
-        raise InvalidModelError(f"{self.name}: {msg}")
-
-    def tell(self) -> int:
-        return self.base + self.pos
-
-    def left(self) -> int:
-        return self.size - self.tell()
-
-    def fill(self, n: int, what: str) -> None:
-        if self.pos + n <= len(self.buf):
-            return
-        off = self.tell()
-        if n > self.size - off:
-            self.fail(f"{what} at offset {off:,} needs {n:,} bytes but the file ends at {self.size:,} bytes (truncated)")
-        rest, end = self.buf[self.pos:], self.base + len(self.buf)
-        want = min(max(n - len(rest), _CHUNK), self.size - end)
-        data = self.f.read(want)
-        while len(rest) + len(data) < n and (more := self.f.read(want - len(data))):
-            data += more
-        if len(rest) + len(data) < n:
-            self.fail(f"{what}: the data ends at offset {end + len(data):,}, before the stated size {self.size:,}")
-        self.buf, self.base, self.pos = rest + data, off, 0
-
-    def unpack(self, fmt: str, n: int, what: str) -> tuple:
-        self.fill(n, what)
-        v = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += n
-        return v
-
-    def u32(self, what: str) -> int:
-        return self.unpack("<I", 4, what)[0]
-
-    def u64(self, what: str) -> int:
-        return self.unpack("<Q", 8, what)[0]
-
-    def raw_string(self, what: str, limit: int = MAX_STRING) -> bytes:
-        n = self.u64(f"{what} length")
-        if n > limit:
-            self.fail(f"{what} length {n:,} exceeds the limit of {limit:,} bytes")
-        if n > self.left():
-            self.fail(f"{what} length {n:,} at offset {self.tell() - 8:,} runs past the end of the file ({self.size:,} bytes)")
-        self.fill(n, what)
-        s = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return s
-
-    def string(self, what: str, limit: int = MAX_STRING) -> str:
-        s = self.raw_string(what, limit)
-        try:
-            return s.decode("utf-8")
-        except UnicodeDecodeError:
-            self.fail(f"{what} is not valid UTF-8")
-
-    def string_list(self, n: int, what: str) -> list[bytes]:
-        """n raw strings; the tight loop is what keeps a 49k-token vocabulary fast."""
-        out: list[bytes] = []
-        append, unpack, buf, pos = out.append, _U64.unpack_from, self.buf, self.pos
-        for i in range(n):
-            if pos + 8 > len(buf):
-                self.pos = pos
-                self.fill(8, f"{what}[{i}] length")
-                buf, pos = self.buf, self.pos
-            ln = unpack(buf, pos)[0]
-            pos += 8
-            if pos + ln > len(buf) or ln > MAX_STRING:
-                self.pos = pos
-                if ln > MAX_STRING or ln > self.left():
-                    self.fail(f"{what}[{i}] length {ln:,} at offset {self.tell() - 8:,} exceeds the limit or the file")
-                self.fill(ln, f"{what}[{i}]")
-                buf, pos = self.buf, self.pos
-            append(buf[pos:pos + ln])
-            pos += ln
-        self.pos = pos
-        return out
-
-    def skip(self, n: int, what: str) -> None:
-        if n > self.left():
-            self.fail(f"{what} ({n:,} bytes at offset {self.tell():,}) runs past the end of the file ({self.size:,} bytes)")
-        avail = len(self.buf) - self.pos
-        if n <= avail:
-            self.pos += n
-            return
-        n -= avail
-        self.base, self.buf, self.pos = self.base + len(self.buf), b"", 0
-        while n:
-            data = self.f.read(min(n, _CHUNK))
-            if not data:
-                self.fail(f"{what}: the data ends at offset {self.base:,}, before the stated size {self.size:,}")
-            n -= len(data)
-            self.base += len(data)
 
 
 def validate_gguf(path: str | os.PathLike, *, require_arch: bool = True) -> GGUFInfo:
@@ -245,7 +60,7 @@ def validate_gguf_stream(f: BinaryIO, file_size: int, name: str = "<stream>", re
     require_arch=False tolerates a missing or unknown architecture (adapters, vocab-only files) and
     then skips the architecture- and tokenizer-dependent checks.
     """
-    c = _Cursor(f, file_size, name)
+    c = Cursor(f, file_size, name)
     if file_size < 24:
         c.fail(f"file is {file_size:,} bytes, shorter than a GGUF header (24 bytes)")
     magic, version = c.unpack("<II", 8, "header")
@@ -263,26 +78,26 @@ def validate_gguf_stream(f: BinaryIO, file_size: int, name: str = "<stream>", re
         c.fail(f"KV count {n_kv:,} is impossible for a {file_size:,}-byte file")
     meta, types = _read_kv(c, n_kv)
     alignment = meta.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
-    if types.get(gguf.Keys.General.ALIGNMENT, _U32) != _U32 or alignment < 1 or alignment & (alignment - 1):
-        c.fail(f"general.alignment must be a UINT32 power of two, got {types.get('general.alignment')} {_q(alignment)}")
+    if types.get(gguf.Keys.General.ALIGNMENT, U32) != U32 or alignment < 1 or alignment & (alignment - 1):
+        c.fail(f"general.alignment must be a UINT32 power of two, got {types.get('general.alignment')} {quote(alignment)}")
     tensors = _read_tensors(c, n_tensors)
     data_offset = -(-c.tell() // alignment) * alignment
     info = GGUFInfo(name, file_size, version, alignment, data_offset, meta, tensors, types)
     _check_layout(c, info)
-    _check_key_types(c, info)
+    check_key_types(c, info)
     arch = meta.get(gguf.Keys.General.ARCHITECTURE)
     if arch is None and require_arch:
         c.fail("missing general.architecture")
-    if require_arch and arch not in _ARCH_NAMES:
-        known = ", ".join(sorted(_ARCH_NAMES)[:8])
-        raise UnsupportedModelError(f"{name}: unknown architecture {_q(arch)} (known include {known}, ...)")
-    if arch in _ARCH_NAMES and require_arch:
-        _check_tokenizer(c, info)
-        _check_arch(c, info, arch)
+    if require_arch and arch not in ARCH_NAMES:
+        known = ", ".join(sorted(ARCH_NAMES)[:8])
+        raise UnsupportedModelError(f"{name}: unknown architecture {quote(arch)} (known include {known}, ...)")
+    if arch in ARCH_NAMES and require_arch:
+        check_tokenizer(c, info)
+        check_arch(c, info, arch)
     return info
 
 
-def _read_kv(c: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, str]]:
+def _read_kv(c: Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, str]]:
     meta: dict[str, Any] = {}
     types: dict[str, str] = {}
     for i in range(n_kv):
@@ -317,7 +132,7 @@ def _read_kv(c: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, str]]:
                 if key == _TK.LIST:
                     c.tokens = items
                 elif key == _TK.MERGES:
-                    _check_merges(c, items)
+                    check_merges(c, items)
                 meta[key] = [s.decode() for s in items] if n <= SUMMARY_OVER else ArraySummary(ename, n)
             elif key == _TK.TOKEN_TYPE and et == VT.INT32:
                 if 4 * n > MAX_STRING:
@@ -333,7 +148,7 @@ def _read_kv(c: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, str]]:
                 c.skip(n * esize, f"'{key}' values")
                 meta[key] = ArraySummary(ename, n)
         elif vt == VT.STRING:
-            types[key] = _STR
+            types[key] = STR
             meta[key] = c.string(f"value of '{key}'")
         elif vt in _SCALAR:
             fmt = _SCALAR[vt]
@@ -356,7 +171,7 @@ def _utf8(s: bytes) -> bool:
         return False
 
 
-def _read_tensors(c: _Cursor, n_tensors: int) -> list[TensorInfo]:
+def _read_tensors(c: Cursor, n_tensors: int) -> list[TensorInfo]:
     tensors: list[TensorInfo] = []
     seen: set[str] = set()
     for i in range(n_tensors):
@@ -390,7 +205,7 @@ def _read_tensors(c: _Cursor, n_tensors: int) -> list[TensorInfo]:
     return tensors
 
 
-def _check_layout(c: _Cursor, info: GGUFInfo) -> None:
+def _check_layout(c: Cursor, info: GGUFInfo) -> None:
     """Offsets aligned, data inside the file, no overlap, and laid out back to back as llama.cpp requires."""
     if info.tensors and info.data_offset > info.file_size:
         c.fail(f"tensor data would start at {info.data_offset:,}, past the end of the file ({info.file_size:,} bytes)")

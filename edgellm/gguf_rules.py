@@ -9,19 +9,18 @@ fail() (InvalidModelError) or raises UnsupportedModelError, so messages read the
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gguf
 
 from edgellm.errors import UnsupportedModelError
 
-if TYPE_CHECKING:
-    from edgellm.gguf_check import GGUFInfo, _Cursor
+from edgellm.gguf_info import Cursor, GGUFInfo, quote
 
 MAX_HPARAM = 1_000_000
 MAX_LAYERS = 512               # LLAMA_MAX_LAYERS; llama.cpp aborts beyond it
 MAX_EXPERTS = 1024             # LLAMA_MAX_EXPERTS
-_ARCH_NAMES = frozenset(gguf.MODEL_ARCH_NAMES.values())
+ARCH_NAMES = frozenset(gguf.MODEL_ARCH_NAMES.values())
 _ARCH_BY_NAME = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
 _TENSOR_SUFFIXES = {"weight", "bias", "scale", "scales", "input_scale", "lora_a", "lora_b"}
 _BID = re.compile(r"^(.*?)\.(0|[1-9][0-9]{0,5})\.(.*)$")
@@ -43,18 +42,18 @@ mellum2""".split())
 ROPE_SCALING_TYPES = {"none", "linear", "yarn", "longrope"}
 
 # Types llama.cpp's GGUFMeta enforces for the keys it reads (a mismatch makes it throw or abort).
-_U32, _F32, _BOOL, _STR = "UINT32", "FLOAT32", "BOOL", "STRING"
+U32, _F32, _BOOL, STR = "UINT32", "FLOAT32", "BOOL", "STRING"
 _TK = gguf.Keys.Tokenizer
 TOKEN_ID_KEYS = [v for k, v in vars(_TK).items() if k.endswith("_ID")]
 _KEY_TYPES: dict[str, str | tuple[str, ...]] = {
-    "general.architecture": _STR, "general.alignment": _U32, "general.file_type": _U32,
-    "general.quantization_version": _U32, "general.name": _STR, "split.count": "UINT16",
-    _TK.MODEL: _STR, _TK.PRE: _STR, _TK.LIST: "ARRAY[STRING]", _TK.TOKEN_TYPE: "ARRAY[INT32]",
-    _TK.SCORES: ("ARRAY[FLOAT32]", "ARRAY[INT32]"), _TK.MERGES: "ARRAY[STRING]", _TK.TOKEN_TYPE_COUNT: _U32,
+    "general.architecture": STR, "general.alignment": U32, "general.file_type": U32,
+    "general.quantization_version": U32, "general.name": STR, "split.count": "UINT16",
+    _TK.MODEL: STR, _TK.PRE: STR, _TK.LIST: "ARRAY[STRING]", _TK.TOKEN_TYPE: "ARRAY[INT32]",
+    _TK.SCORES: ("ARRAY[FLOAT32]", "ARRAY[INT32]"), _TK.MERGES: "ARRAY[STRING]", _TK.TOKEN_TYPE_COUNT: U32,
     _TK.ADD_BOS: _BOOL, _TK.ADD_EOS: _BOOL, _TK.ADD_SEP: _BOOL, _TK.ADD_PREFIX: _BOOL,
-    _TK.REMOVE_EXTRA_WS: _BOOL, _TK.CHAT_TEMPLATE: _STR, **{k: _U32 for k in TOKEN_ID_KEYS}}
+    _TK.REMOVE_EXTRA_WS: _BOOL, _TK.CHAT_TEMPLATE: STR, **{k: U32 for k in TOKEN_ID_KEYS}}
 _ARCH_KEY_TYPES: dict[str, str] = {
-    **{k: _U32 for k in """context_length embedding_length embedding_length_out block_count vocab_size
+    **{k: U32 for k in """context_length embedding_length embedding_length_out block_count vocab_size
        expert_count expert_group_count expert_group_used_count leading_dense_block_count
        expert_feed_forward_length expert_shared_feed_forward_length expert_shared_count nextn_predict_layers
        pooling_type attention.key_length attention.value_length attention.key_length_swa
@@ -66,24 +65,18 @@ _ARCH_KEY_TYPES: dict[str, str] = {
        embedding_scale residual_scale attention.scale attn_logit_softcapping final_logit_softcapping
        expert_weights_scale""".split()},
     **{k: _BOOL for k in "attention.causal rope.scaling.finetuned use_parallel_residual expert_weights_norm".split()},
-    "rope.scaling.type": _STR}
+    "rope.scaling.type": STR}
 # llama.cpp reads these as one u32 or a per-layer array of u32/i32 with block_count entries.
 _PER_LAYER_KEYS = ("feed_forward_length", "attention.head_count", "attention.head_count_kv", "expert_used_count")
 
 
-def _q(v: Any) -> str:
-    """A value quoted for a one-line message, cut short."""
-    r = repr(v)
-    return r if len(r) <= 60 else r[:56] + "...'"
-
-
-def _check_merges(c: _Cursor, items: list[bytes]) -> None:
+def check_merges(c: Cursor, items: list[bytes]) -> None:
     for i, s in enumerate(items):
         if s.count(b" ") != 1 or s[:1] == b" " or s[-1:] == b" ":
             c.fail(f"tokenizer.ggml.merges[{i}] ({s[:40]!r}) is not two parts separated by one space")
 
 
-def _check_key_types(c: _Cursor, info: GGUFInfo) -> None:
+def check_key_types(c: Cursor, info: GGUFInfo) -> None:
     arch = info.metadata.get(gguf.Keys.General.ARCHITECTURE)
     prefix = f"{arch}." if isinstance(arch, str) else None
     block_count = info.metadata.get(f"{arch}.block_count")
@@ -97,19 +90,19 @@ def _check_key_types(c: _Cursor, info: GGUFInfo) -> None:
                         c.fail(f"'{key}' must be a UINT32 or a {block_count}-entry UINT32/INT32 array, got {got} "
                                f"of {len(info.metadata[key])}")
                     continue
-                want = _U32
+                want = U32
             else:
                 want = _ARCH_KEY_TYPES.get(sub)
         if want is not None and got not in ((want,) if isinstance(want, str) else want):
             c.fail(f"'{key}' has type {got} but llama.cpp reads it as {want if isinstance(want, str) else ' or '.join(want)}")
     for key in (f"{arch}.rope.scaling.type",):
         if key in info.metadata and info.metadata[key] not in ROPE_SCALING_TYPES:
-            c.fail(f"'{key}' is {_q(info.metadata[key])}, not one of {sorted(ROPE_SCALING_TYPES)}")
+            c.fail(f"'{key}' is {quote(info.metadata[key])}, not one of {sorted(ROPE_SCALING_TYPES)}")
     if info.metadata.get("split.count", 0) > 1:
         raise UnsupportedModelError(f"{c.name}: split GGUF files are not supported; merge them with llama-gguf-split")
 
 
-def _hp(c: _Cursor, m: dict, key: str, required: bool, lo: int = 1, hi: int = MAX_HPARAM) -> Any:
+def _hp(c: Cursor, m: dict, key: str, required: bool, lo: int = 1, hi: int = MAX_HPARAM) -> Any:
     v = m.get(key)
     if v is None:
         if required:
@@ -121,7 +114,7 @@ def _hp(c: _Cursor, m: dict, key: str, required: bool, lo: int = 1, hi: int = MA
     return v
 
 
-def _check_arch(c: _Cursor, info: GGUFInfo, arch: str) -> None:
+def check_arch(c: Cursor, info: GGUFInfo, arch: str) -> None:
     m, a = info.metadata, arch
     march = _ARCH_BY_NAME[arch]
     kinds = gguf.MODEL_TENSORS.get(march, [])
@@ -176,7 +169,7 @@ _DENSE_ARCHS = {"llama", "qwen2", "qwen3"}
 _NOT_WEIGHTS = {"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"}
 
 
-def _check_dense_shapes(c: _Cursor, info: GGUFInfo, arch: str, n_layer: int, n_embd: int, n_head: int,
+def _check_dense_shapes(c: Cursor, info: GGUFInfo, arch: str, n_layer: int, n_embd: int, n_head: int,
                         n_head_kv: int, n_ff: int) -> None:
     """Shapes llama.cpp's llama/qwen2/qwen3 loaders will ask for, derived from the hyper-parameters."""
     m, a = info.metadata, arch
@@ -229,14 +222,14 @@ def _check_dense_shapes(c: _Cursor, info: GGUFInfo, arch: str, n_layer: int, n_e
         c.fail(f"tensor '{extra[0]}' is not used by llama.cpp's '{a}' loader (it would refuse the file)")
 
 
-def _check_tokenizer(c: _Cursor, info: GGUFInfo) -> None:
+def check_tokenizer(c: Cursor, info: GGUFInfo) -> None:
     """What llama.cpp's vocabulary loader needs; duplicate tokens make it abort (GGML_ASSERT)."""
     m = info.metadata
     model = m.get(_TK.MODEL)
     if model is None:
         c.fail(f"missing required key '{_TK.MODEL}'")
     if model not in TOKENIZER_MODELS:
-        raise UnsupportedModelError(f"{c.name}: tokenizer model {_q(model)} is not one llama.cpp knows")
+        raise UnsupportedModelError(f"{c.name}: tokenizer model {quote(model)} is not one llama.cpp knows")
     if model in ("none", "no_vocab"):
         return
     tokens, types = c.tokens, c.token_types
@@ -248,7 +241,7 @@ def _check_tokenizer(c: _Cursor, info: GGUFInfo) -> None:
         if _TK.MERGES not in m and pre != "kimi-k2":
             c.fail(f"BPE tokenizer without '{_TK.MERGES}'")
         if pre is not None and pre not in PRE_TOKENIZERS:
-            raise UnsupportedModelError(f"{c.name}: pre-tokenizer {_q(pre)} is not one llama.cpp knows")
+            raise UnsupportedModelError(f"{c.name}: pre-tokenizer {quote(pre)} is not one llama.cpp knows")
     for key in (_TK.TOKEN_TYPE, _TK.SCORES):
         if key in m and len(m[key]) != n:
             c.fail(f"'{key}' has {len(m[key]):,} entries but there are {n:,} tokens")

@@ -51,7 +51,7 @@ def _child_main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
     except (ImportError, ValueError, OSError):  # pragma: no cover - no rlimits on this platform
         pass
-    from .chat_template import render_in_process
+    from .template_sandbox import render_in_process
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:

@@ -77,6 +77,9 @@ class Backend(Protocol):
     def n_past(self) -> int: ...
 
     def metadata(self, key: str) -> str | None: ...
+    def n_params(self) -> int: ...
+    def model_size(self) -> int:
+        """Bytes of weights the backend reads (file or package size)."""
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]: ...
     def token_bytes(self, token: int, *, special: bool = False) -> bytes: ...
     def add_bos(self) -> bool: ...
@@ -96,9 +99,38 @@ class Backend(Protocol):
     def logits(self) -> np.ndarray:
         """A copy of the last position's logits (float32, n_vocab)."""
 
+    def eval_all_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append tokens and return the logits of every one of them (n, n_vocab): for evaluation."""
+
     def truncate(self, n: int) -> None:
         """Drop KV positions ≥ n."""
 
     def save_state(self) -> bytes: ...
     def load_state(self, data: bytes, n_tokens: int) -> None: ...
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchBackend(Protocol):
+    """Several sequences in one context, decoded together: what `edgellm serve`'s engine needs on top of
+    Backend (llama.cpp has it; a backend without it serves one request at a time through the Session)."""
+
+    @property
+    def n_seq(self) -> int:
+        """Sequences the context holds, each with its own n_ctx-token KV stream."""
+
+    def decode_batch(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
+                     outputs: Sequence[bool]) -> None:
+        """Evaluate tokens of several sequences in one step (logits kept where `outputs`)."""
+
+    def argmax_at(self, index: int) -> int:
+        """Greedy pick from the logits of batch row `index`."""
+
+    def make_sampler(self, config: SamplerConfig, history: Sequence[int] = ()) -> object:
+        """A native sampler chain for one sequence (free it with free_sampler)."""
+
+    def free_sampler(self, chain: object) -> None: ...
+    def sample_at(self, chain: object, index: int) -> int: ...
+    def seq_state(self, seq: int) -> bytes: ...
+    def seq_remove(self, seq: int, start: int = 0) -> None: ...
+    def seq_restore(self, seq: int, data: bytes, n_tokens: int | None = None) -> None: ...

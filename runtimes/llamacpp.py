@@ -176,6 +176,10 @@ class LlamaCppBackend:
     def n_past(self) -> int:
         return self._n_past
 
+    @property
+    def n_seq(self) -> int:
+        return self.options.n_seq
+
     def metadata(self, key: str) -> str | None:
         ll = self._ll
         size = ll.llama_model_meta_val_str(self._model, key.encode(), None, 0)

@@ -8,7 +8,8 @@ import pytest
 
 os.environ.setdefault("EDGELLM_THREADS", "2")
 
-from deploy_fixtures import pi_bundle  # noqa: E402,F401  (session-scoped Raspberry Pi bundle)
+# session-scoped fixtures shared by several test files: the Raspberry Pi bundle, the pruning teacher
+pytest_plugins = ["deploy_fixtures", "prune_fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from edgellm.converters.torch_llama import to_torch
 from edgellm.errors import UsageError
 from edgellm.texts import calibration_text
 
-from prune_fixtures import calib_tokens, importance, teacher  # noqa: F401 - session fixtures
 
 STEP_TOKENS = 2 * 64   # batch 2 x seq_len 64
 
@@ -101,3 +100,26 @@ def test_bad_distillation_inputs(kd_setup, tmp_path, default_model_path, capsys)
     with pytest.raises(SystemExit) as e:
         main(["convert", "-o", str(tmp_path / "x"), "--format", "onnx", "--prune-to", "100M"])
     assert e.value.code == 2 and "--format gguf" in capsys.readouterr().err
+
+
+def test_device_choice_and_the_bf16_autocast_path(kd_setup, tmp_path):
+    """auto is CUDA only where torch sees one; asking for CUDA without one is a one-line error; the bf16
+    autocast path (what a GPU runs) trains on the CPU too."""
+    from edgellm.converters.distill import pick_device
+
+    student, data = kd_setup
+    auto = pick_device(DistillConfig(tokens=1))
+    assert auto == (("cuda", "bf16") if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else
+                    ("cuda", "fp32") if torch.cuda.is_available() else ("cpu", "fp32"))
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device"):
+            pick_device(DistillConfig(tokens=1, device="cuda"))
+    for bad in (dict(device="tpu"), dict(precision="fp8")):
+        with pytest.raises(UsageError):
+            DistillConfig(tokens=1, **bad).check()
+    cfg = DistillConfig(tokens=4 * STEP_TOKENS, batch=2, lr=1e-3, warmup=0.0, device="cpu", precision="bf16")
+    trained, res = distill(student, data, cfg, tmp_path)
+    assert res.device == "cpu, bf16" and res.steps == 4 and np.isfinite(res.last_loss)
+    assert all(w.dtype == np.float32 for _, w in trained.tensors)     # master weights stay float32
+    idx = np.arange(len(data.tokens))
+    assert _kl(trained, data, idx) < _kl(student, data, idx)

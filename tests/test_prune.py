@@ -18,7 +18,6 @@ from edgellm.converters.prune import (Shape, apply_plan, candidate_shapes, make_
                                       prune_model, shape_of, shaped)
 from edgellm.converters.torch_llama import to_torch
 from edgellm.errors import UsageError
-from prune_fixtures import calib_tokens, importance, teacher  # noqa: F401 - session fixtures
 
 AXIS_SHAPES = {   # one axis cut at a time (hidden 288 keeps a multiple of the 9 heads, as transformers requires)
     "depth": Shape(22, 576, 1536, 3, 3), "ffn": Shape(30, 576, 1024, 3, 3),

@@ -15,37 +15,15 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import openai
 import pytest
+from serving import MODEL, post, running  # noqa: E402 - after the imports it needs
 
 import edgellm
-from edgellm.server import EdgeServer, ServeConfig
 
-MODEL = "smollm2-135m"
 PROMPTS = ["List three fruits.", "What is a Raspberry Pi?", "Name two colours.", "Say hello in French.",
            "What is 2 + 2?", "Name a planet.", "What do cats eat?", "Write a haiku about rain."]
-
-
-@contextmanager
-def running(path, *, n_ctx: int = 2048, **config):
-    """An in-process server on an ephemeral loopback port; always shut down."""
-    session = edgellm.load(path, n_ctx=n_ctx, disk_cache=False, sampler=edgellm.GREEDY,
-                           parallel=config.get("parallel", 4))
-    server = EdgeServer(session, ServeConfig(model_id=MODEL, **config), port=0)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.uvicorn.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        server.stop()
-        thread.join(30)
-        session.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +52,6 @@ def ask(client, prompt: str, *, stream: bool = False, max_tokens: int = 24, hist
             pieces.append(c.delta.content or "")
             reason = c.finish_reason or reason
     return "".join(pieces), (usage, reason)
-
-
-def post(url: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_openai_client_round_trip(client, base, llm):

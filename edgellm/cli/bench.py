@@ -8,7 +8,6 @@ from typing import Any
 import click
 
 from .options import threads_option
-
 from .output import emit_json, err, out
 
 

@@ -5,12 +5,9 @@ from pathlib import Path
 
 import click
 
-from .options import threads_option
-
 from ..userfiles import read_text
-
+from .options import shrink_options, shrink_plan, threads_option
 from .output import emit_json, err, human_bytes, out, stage_progress
-from .shrink_options import shrink_options, shrink_transform
 
 
 @click.command("convert")
@@ -29,8 +26,12 @@ from .shrink_options import shrink_options, shrink_transform
               help="Reapply a saved *.recipe.json (same model) instead of measuring again.")
 @click.option("--eval", "do_eval", is_flag=True,
               help="Score the result against its source on held-out text (mean/p99 KLD, PPL, top-1).")
-@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True,
-              help="gguf (llama.cpp), or onnx: a directory for onnxruntime (--quant int4 int4-mixed int8 f16 f32 auto).")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "coreml"]), default="gguf", show_default=True,
+              help="gguf (llama.cpp), or onnx: a directory for onnxruntime (--quant int4 int4-mixed int8 f16 f32 "
+                   "auto), or coreml: a stateful OUT.mlpackage for Apple devices (--quant int4 int8 f16 palette4 "
+                   "auto).")
+@click.option("--ctx", "context", type=int, default=None,
+              help="Core ML: tokens the package's KV state holds [default: 2048, or the model's context if shorter].")
 @click.option("--flavour", type=click.Choice(["fused", "portable"]), default="fused", show_default=True,
               help="ONNX graph: fused (onnxruntime contrib ops; CPU/XNNPACK) or portable (standard ops; NNAPI).")
 @click.option("--to", "to", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True,
@@ -45,7 +46,8 @@ from .shrink_options import shrink_options, shrink_transform
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @shrink_options
 def command(source: str, output: Path, quant: str, target_size: str | None, target_bpw: float | None,
-            recipe: Path | None, do_eval: bool, fmt: str, flavour: str, to: str, calib: Path | None,
+            recipe: Path | None, do_eval: bool, fmt: str, context: int | None, flavour: str, to: str,
+            calib: Path | None,
             calib_tokens: int | None,
             no_imatrix: bool, force: bool, threads: int | None, as_json: bool, **shrink) -> None:
     """Convert a model — a Hugging Face directory (Llama, SmolLM2, Qwen2, Mistral) or a GGUF file
@@ -62,11 +64,19 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
       edgellm convert smollm2-135m -o small.gguf --target-size 92MB --eval   # mixed precision under 92 MB
       edgellm convert smollm2-135m --format onnx -o smollm2-onnx/     # fused graph, calibrated int4
       edgellm convert smollm2-135m --format onnx --flavour portable -o smollm2-nnapi/   # NNAPI-ready, f16
+      edgellm convert smollm2-135m --format coreml -o smollm2.mlpackage  # stateful Core ML, calibrated int4
       edgellm convert smollm2-135m -o s.gguf --prune-to 100M --align 256 --distill --minutes 40   # prune+distill+Q4_K_M
     """
     if fmt != "gguf" and (shrink["prune_to"] or shrink["do_distill"]):
         from ..errors import UsageError
         raise UsageError("--prune-to/--distill currently go with --format gguf")
+    if context is not None and fmt != "coreml":
+        from ..errors import UsageError
+        raise UsageError("--ctx goes with --format coreml (a GGUF or ONNX model takes its context at load time)")
+    if fmt == "coreml":
+        from .coreml_convert import convert_coreml_cli
+        return convert_coreml_cli(click.get_current_context(), source, output, quant, context, calib,
+                                  calib_tokens or 4096, no_imatrix, force, as_json)
     if fmt == "onnx":
         from .onnx_convert import convert_onnx_cli
         return convert_onnx_cli(click.get_current_context(), source, output, quant, flavour, calib, calib_tokens or 4096,
@@ -83,7 +93,14 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
     text = read_text(calib, "calibration text") if calib else None
     with stage_progress(enabled=err.is_terminal and not as_json) as report:
         notes: dict = {}
-        transform = shrink_transform(source, shrink, calib_text=text, threads=threads, report=report, notes=notes)
+        plan = shrink_plan(source, shrink, threads)
+        transform = None
+        if plan.active:
+            from edgellm.converters.shrink import shrink as shrink_checkpoint
+
+            def transform(ckpt):
+                return shrink_checkpoint(ckpt, source, plan, calib_text=text, threads=threads, progress=report,
+                                         notes=notes, say=err.print)
         res = convert(source, output, quant=quant, to=to, calib_text=text, imatrix=not no_imatrix,
                       calib_tokens=calib_tokens, threads=threads, progress=report,
                       target_size=parse_size(target_size) if target_size else None, target_bpw=target_bpw,

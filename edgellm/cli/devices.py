@@ -25,7 +25,7 @@ def command(model: str | None, n_ctx: int, as_json: bool) -> None:
 
     from .. import store
     from ..device import llama_build_info, probe
-    from ..plan import Artifact, choose
+    from ..plan import choose
 
     profile = probe()
     build = llama_build_info()

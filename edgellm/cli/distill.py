@@ -1,74 +1,13 @@
 """edgellm distill: a (pruned) student learns a teacher's next-token distribution, on the CPU with torch."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import click
 
-from .options import threads_option
-
 from ..userfiles import read_text
-
-from .output import emit_json, err, out
-
-
-def distill_options(f):
-    """Training options shared with `edgellm convert --distill`."""
-    for opt in reversed([
-        click.option("--minutes", type=float, default=None, help="Training time budget [default: 45 unless --tokens]."),
-        click.option("--tokens", "train_tokens", type=int, default=None, help="Training token budget."),
-        click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     default=None, help="Training text [default: calibration text + teacher generations]."),
-        click.option("--loss", type=click.Choice(["fkl", "rkl", "skl"]), default="fkl", show_default=True,
-                     help="Forward KL, reverse KL or skew KL."),
-        click.option("--temperature", type=float, default=1.0, show_default=True),
-        click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW)."),
-        click.option("--top-k", "top_k", type=int, default=32, show_default=True,
-                     help="Teacher logits kept per position."),
-        click.option("--gen-tokens", type=int, default=16384, show_default=True,
-                     help="Tokens the teacher generates for sequence-level KD when no --text is given."),
-        click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Where the resumable state lives [default: one per student/teacher/data in EDGELLM_HOME]."),
-    ]):
-        f = opt(f)
-    return f
-
-
-def distill_config(minutes, train_tokens, loss, temperature, lr, threads):
-    from edgellm.converters.distill import DistillConfig
-
-    if minutes is None and train_tokens is None:
-        minutes = 45.0
-    return DistillConfig(minutes=minutes, tokens=train_tokens, loss=loss, temperature=temperature, lr=lr,
-                         threads=threads)
-
-
-@contextlib.contextmanager
-def training_bar(enabled: bool):
-    """Stage bars plus a training bar showing loss, tokens/s and the ETA; no-ops in pipes."""
-    if not enabled:
-        yield None, None
-        return
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[info]}"), console=err, transient=True)
-    tasks: dict[str, int] = {}
-
-    def stage(name: str, done: int, total: int) -> None:
-        if name not in tasks:
-            tasks[name] = bar.add_task(name, total=total, info="")
-        bar.update(tasks[name], completed=done, total=total)
-
-    def step(s: dict) -> None:
-        if "train" not in tasks:
-            tasks["train"] = bar.add_task("distill", total=1000, info="")
-        m, sec = divmod(int(s["eta_s"]), 60)
-        bar.update(tasks["train"], completed=int(1000 * s["frac"]),
-                   info=f"step {s['step']} loss {s['loss']:.4f} {s['tok_s']:.0f} tok/s ETA {m}:{sec:02d}")
-    with bar:
-        yield stage, step
+from .options import distill_config, distill_options, threads_option
+from .output import emit_json, err, out, training_bar
 
 
 @click.command("distill")
@@ -100,11 +39,10 @@ def command(student: str, teacher: str, output: Path, minutes: float | None, tra
       edgellm distill s.gguf -o s-kd.gguf --text my-corpus.txt --tokens 500000 --loss skl
     """
     from edgellm.converters.distill import distill_model
-    from edgellm.converters.pipeline import read_checkpoint
+    from edgellm.converters.pipeline import read_checkpoint, write_checkpoint
 
     from .. import store
     from ..errors import UsageError
-    from .prune import write_checkpoint
 
     if output.exists() and not force:
         raise UsageError(f"{output} exists; pass --force to replace it")

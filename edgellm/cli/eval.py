@@ -5,10 +5,8 @@ from pathlib import Path
 
 import click
 
-from .options import threads_option
-
 from ..userfiles import read_text
-
+from .options import threads_option
 from .output import emit_json, err, out
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import click
 
 from ..userfiles import read_text
-
 from .output import emit_json, err, human_bytes, out, stage_progress
 
 

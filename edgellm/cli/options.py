@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -65,3 +66,74 @@ def sampling_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     sampler = SamplerConfig(temperature=kw.pop("temperature"), top_k=kw.pop("top_k"), top_p=kw.pop("top_p"),
                             min_p=kw.pop("min_p"), repeat_penalty=kw.pop("repeat_penalty"), seed=kw.pop("seed"))
     return {"sampler": sampler, "max_tokens": kw.pop("max_tokens"), "stop": tuple(kw.pop("stop"))}
+
+
+def distill_options(f):
+    """Training options shared with `edgellm convert --distill`."""
+    for opt in reversed([
+        click.option("--minutes", type=float, default=None, help="Training time budget [default: 45 unless --tokens]."),
+        click.option("--tokens", "train_tokens", type=int, default=None, help="Training token budget."),
+        click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="Training text [default: calibration text + teacher generations]."),
+        click.option("--loss", type=click.Choice(["fkl", "rkl", "skl"]), default="fkl", show_default=True,
+                     help="Forward KL, reverse KL or skew KL."),
+        click.option("--temperature", type=float, default=1.0, show_default=True),
+        click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW)."),
+        click.option("--top-k", "top_k", type=int, default=32, show_default=True,
+                     help="Teacher logits kept per position."),
+        click.option("--gen-tokens", type=int, default=16384, show_default=True,
+                     help="Tokens the teacher generates for sequence-level KD when no --text is given."),
+        click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Where the resumable state lives [default: one per student/teacher/data in EDGELLM_HOME]."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def distill_config(minutes, train_tokens, loss, temperature, lr, threads):
+    from edgellm.converters.distill import DistillConfig
+
+    if minutes is None and train_tokens is None:
+        minutes = 45.0
+    return DistillConfig(minutes=minutes, tokens=train_tokens, loss=loss, temperature=temperature, lr=lr,
+                         threads=threads)
+
+
+def shrink_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed([
+        click.option("--prune-to", "prune_to", default=None, metavar="BUDGET",
+                     help="Prune first, to this many parameters (100M) or this ratio (0.7); see `edgellm prune`."),
+        click.option("--align", type=int, default=None, help="With --prune-to: cut widths to multiples of this (256)."),
+        click.option("--axes", default="depth,ffn,heads,hidden", show_default=True,
+                     help="With --prune-to: what may be cut."),
+        click.option("--distill", "do_distill", is_flag=True,
+                     help="After pruning, distill the student from the source (see `edgellm distill`)."),
+        click.option("--teacher", default=None, help="With --distill: the teacher [default: the source]."),
+    ]):
+        f = opt(f)
+    return distill_options(f)
+
+
+def shrink_plan(source: str, opts: dict[str, Any], threads: int | None):
+    """The ShrinkPlan (edgellm.converters.shrink) that convert's --prune-to/--distill options ask for;
+    consumes those options from `opts`."""
+    from edgellm.converters.shrink import ShrinkPlan
+
+    from ..errors import UsageError
+    from ..userfiles import read_text
+
+    prune_to, do_distill = opts.pop("prune_to"), opts.pop("do_distill")
+    align, axes, teacher = opts.pop("align"), opts.pop("axes"), opts.pop("teacher")
+    dist = {k: opts.pop(k) for k in ("minutes", "train_tokens", "text_file", "loss", "temperature", "lr", "top_k",
+                                     "gen_tokens", "work_dir")}
+    if opts:  # pragma: no cover - every option above is consumed
+        raise UsageError(f"unexpected options {sorted(opts)}")
+    cfg = None
+    if do_distill:
+        cfg = distill_config(dist["minutes"], dist["train_tokens"], dist["loss"], dist["temperature"], dist["lr"],
+                             threads)
+        cfg.check()
+    return ShrinkPlan(prune_to=prune_to, align=align, axes=tuple(a.strip() for a in axes.split(",") if a.strip()),
+                      distill=cfg, teacher=teacher, work_dir=dist["work_dir"], top_k=dist["top_k"],
+                      gen_tokens=dist["gen_tokens"],
+                      text=read_text(dist["text_file"], "training text") if dist["text_file"] else None)

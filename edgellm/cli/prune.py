@@ -5,10 +5,8 @@ from pathlib import Path
 
 import click
 
-from .options import threads_option
-
 from ..userfiles import read_text
-
+from .options import threads_option
 from .output import emit_json, err, out, stage_progress
 
 
@@ -50,7 +48,7 @@ def command(source: str, output: Path | None, prune_to: str, align: int | None, 
       edgellm prune smollm2-135m --prune-to 0.75 --axes depth --explain
       edgellm prune ./my-hf-model --prune-to 70% --to hf -o pruned-hf/
     """
-    from edgellm.converters.pipeline import read_checkpoint
+    from edgellm.converters.pipeline import read_checkpoint, write_checkpoint
     from edgellm.converters.prune import prune_model
 
     from .. import store
@@ -84,16 +82,6 @@ def command(source: str, output: Path | None, prune_to: str, align: int | None, 
               f"calib_tokens={calib_tokens} score_tokens={score_tokens} type={out_type} to={to}[/dim]")
     if output is not None:
         out.print(str(output))
-
-
-def write_checkpoint(ckpt, output: Path, to: str, out_type: str, report=None) -> None:
-    if to == "hf":
-        from edgellm.converters.hf_writer import write_hf
-        write_hf(ckpt, output, out_type)
-    else:
-        from edgellm.converters.gguf_writer import write_gguf
-        write_gguf(ckpt, output, out_type,
-                   progress=None if report is None else (lambda d, t: report("write", d, t)))
 
 
 def print_explain(s: dict) -> None:

@@ -39,12 +39,20 @@ from .output import err
               help="The system prompt's KV state from `edgellm cache-prompt` (saves that prefill at start-up; "
                    "used for requests starting with that system prompt; with --system, made for it).")
 @click.option("--temperature", type=float, default=0.7, show_default=True, help="Default when a request gives none.")
+@click.option("--max-body", "max_body", default="8MiB", show_default=True, metavar="SIZE",
+              help="Largest request body; larger ones get HTTP 413 before they are read.")
+@click.option("--max-connections", type=int, default=64, show_default=True,
+              help="Open connections at once; requests beyond get HTTP 503.")
+@click.option("--header-timeout", "header_timeout_s", type=float, default=10, show_default=True,
+              help="Seconds a connection may take to send a request's headers before it is closed.")
 @model_options
 def command(model: str | None, host: str, port: int, api_key: str | None, parallel: int, batch: bool, max_queue: int,
             timeout_s: float, default_max_tokens: int, drain_s: float, rpc: str | None, system: str | None,
-            prompt_state: str | None, temperature: float, **kw) -> None:
+            prompt_state: str | None, temperature: float, max_body: str, max_connections: int,
+            header_timeout_s: float, **kw) -> None:
     """Serve MODEL (default: the embedded SmolLM2-135M) over HTTP with the OpenAI API:
-    /v1/chat/completions (streaming and not), /v1/completions, /v1/models, /health.
+    /v1/chat/completions (streaming and not), /v1/completions, /v1/models, /health; a chat page at /
+    (docs/web-chat.md), and /v1/edgellm/info, /v1/edgellm/cancel/ID.
 
     Requests in flight advance together token by token (a new one starts at once, not after the others);
     each conversation reuses the KV cache of its earlier turns, and the system prompt's state (--system,
@@ -66,12 +74,15 @@ def command(model: str | None, host: str, port: int, api_key: str | None, parall
     import edgellm
     from edgellm.errors import UsageError
 
-    from .options import load_kwargs
     from ..runtimes.base import SamplerConfig
     from ..server import EdgeServer, ServeConfig
+    from .options import load_kwargs
 
     if parallel < 1 or max_queue < 0 or timeout_s <= 0 or default_max_tokens < 1:
         raise UsageError("--parallel and --max-tokens must be ≥ 1, --queue ≥ 0 and --timeout > 0")
+    if max_connections < parallel or header_timeout_s <= 0 or drain_s < 0:
+        raise UsageError("--max-connections must be ≥ --parallel, --header-timeout > 0 and --drain ≥ 0")
+    body_bytes = parse_bytes(max_body, "--max-body")
     key = api_key or os.environ.get("EDGELLM_API_KEY") or None
     lk = load_kwargs(kw)
     lk["disk_cache"] = False  # the server keeps states in memory; per-request disk writes would stall decoding
@@ -79,7 +90,8 @@ def command(model: str | None, host: str, port: int, api_key: str | None, parall
     model_id = model_name(model, session.model_path)
     config = ServeConfig(model_id=model_id, parallel=parallel, batch=batch, max_queue=max_queue, timeout_s=timeout_s,
                          default_max_tokens=default_max_tokens, api_key=key, drain_s=drain_s, system=system,
-                         system_state=prompt_state)
+                         system_state=prompt_state, max_body_bytes=body_bytes, max_connections=max_connections,
+                         header_timeout_s=header_timeout_s)
     server = EdgeServer(session, config, host=host, port=port)
     pinned = server.system_tokens
     err.print(f"edgellm serve: {model_id} on http://{host}:{port}/v1  ({parallel} slots of {session.n_ctx} "
@@ -99,3 +111,19 @@ def model_name(spec: str | None, path) -> str:
     if spec is None:
         return store.DEFAULT_ALIAS
     return spec if not os.path.exists(spec) else os.path.basename(str(path)).removesuffix(".gguf")
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    """'8MiB', '512KB', '1000000' -> bytes (at least 1 KiB)."""
+    from ..errors import UsageError
+
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+    t = text.strip().upper().replace(" ", "")
+    number = t.rstrip("KMGIB")
+    try:
+        n = int(float(number) * units[t[len(number):]])
+    except (KeyError, ValueError):
+        raise UsageError(f"{flag} must be a size like 8MiB or 500KB, not {text!r}") from None
+    if n < 1024:
+        raise UsageError(f"{flag} must be at least 1 KiB")
+    return n

@@ -16,37 +16,25 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import ContextOverflowError, EdgeLLMError, TemplateError
+from ..errors import ContextOverflowError, EdgeLLMError
 from ..session import Session
 from . import openai as oa
 from . import web
+from .config import ServeConfig
 from .engine import Engine, QueueFullError, Request
+from .limits import guarded_protocol, read_body
 from .introspect import request_stats, server_info
 from .system import pinned_state
-
-
-@dataclass
-class ServeConfig:
-    model_id: str
-    parallel: int = 4
-    batch: bool = True  # one llama_decode for all requests; False: exact (bit-identical to single runs, slower)
-    max_queue: int = 16
-    timeout_s: float = 300.0  # per request, queueing included
-    default_max_tokens: int = 512  # when a request gives none (OpenAI: "up to the context")
-    api_key: str | None = None
-    drain_s: float = 10.0  # graceful shutdown: how long in-flight requests may still run
-    system: str | None = None  # system message for chat requests that bring none
-    system_state: str | None = None  # its KV state from `cache-prompt` (else computed at start-up)
 
 
 def _error(e: oa.APIError) -> JSONResponse:
@@ -107,13 +95,24 @@ class Server:
         ]
         return Starlette(routes=routes, lifespan=lifespan,
                          middleware=[Middleware(_APIKey, key=self.config.api_key)],
-                         exception_handlers={404: self._not_found, 405: self._not_allowed})
+                         exception_handlers={404: self._not_found, 405: self._not_allowed,
+                                             HTTPException: self._http_error, Exception: self._internal})
 
     async def _not_found(self, request: HTTPRequest, exc: Exception) -> Response:
         return _error(oa.APIError(404, f"no route {request.url.path}", code="not_found"))
 
     async def _not_allowed(self, request: HTTPRequest, exc: Exception) -> Response:
         return _error(oa.APIError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+    async def _http_error(self, request: HTTPRequest, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 400)
+        return _error(oa.APIError(status, str(getattr(exc, "detail", "")) or "bad request",
+                                  type="invalid_request_error" if status < 500 else "server_error"))
+
+    async def _internal(self, request: HTTPRequest, exc: Exception) -> Response:
+        """A bug, not the client's fault: still one JSON line back (Starlette logs the traceback)."""
+        return _error(oa.APIError(500, f"internal error ({type(exc).__name__}); the server is still running",
+                                  type="server_error", code="internal_error"))
 
     # -- routes --------------------------------------------------------------------------------
     async def health(self, request: HTTPRequest) -> Response:
@@ -164,17 +163,10 @@ class Server:
 
     async def _serve(self, request: HTTPRequest, *, chat: bool) -> Response:
         try:
-            body = await _json_body(request)
-            params = oa.parse_params(body, self.session.default_sampler)
-            if params.model not in (None, self.config.model_id):
-                raise oa.APIError(404, f"the model {params.model!r} does not exist; this server has "
-                                  f"{self.config.model_id!r}", code="model_not_found", param="model")
-            try:  # special tokens only from the template, never from message text (Session.chat_tokens)
-                tokens = (self.session.chat_tokens(self._messages(body)) if chat
-                          else self.session.tokenize(oa.completion_prompt(body)))
-            except TemplateError as e:
-                raise oa.APIError(400, str(e), param="messages") from None
-            req = self._request(tokens, params)
+            raw = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
+            # parsing, template rendering and tokenizing can take a while on a big body: not on the event loop
+            params = await asyncio.to_thread(oa.prepare, self.session, self.config, raw, chat=chat)
+            req = self._request(params)
             queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
             loop = asyncio.get_running_loop()
             req.emit = lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
@@ -194,14 +186,8 @@ class Server:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._whole(request, req, queue, rid, chat)
 
-    def _messages(self, body: dict) -> list[dict[str, str]]:
-        messages = oa.chat_messages(body)
-        if self.config.system is not None and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": self.config.system})
-        return messages
-
-    def _request(self, tokens: list[int], params: oa.Params) -> Request:
-        pool = self.engine.pool
+    def _request(self, params: oa.Prepared) -> Request:
+        pool, tokens = self.engine.pool, params.tokens
         max_tokens = params.max_tokens or max(1, min(self.config.default_max_tokens, pool - len(tokens)))
         if len(tokens) + max_tokens > pool:
             raise oa.APIError(400, f"the prompt is {len(tokens)} tokens and max_tokens is {max_tokens}: "
@@ -278,14 +264,6 @@ def _event(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _json_body(request: HTTPRequest) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise oa.APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
-
-
 def create_app(session: Session, config: ServeConfig) -> Starlette:
     """An ASGI app serving `session` (its engine starts and stops with the app's lifespan)."""
     return Server(session, config).app()
@@ -302,7 +280,8 @@ class EdgeServer:
         self.system_tokens = self.server.system_tokens  # the pinned system prompt's length (0: none)
         self.uvicorn = uvicorn.Server(uvicorn.Config(
             self.server.app(), host=host, port=port, log_level="warning", access_log=False,
-            timeout_graceful_shutdown=max(1, int(config.drain_s)), lifespan="on"))
+            timeout_graceful_shutdown=max(1, int(config.drain_s)), lifespan="on",
+            http=guarded_protocol(config.header_timeout_s, config.max_connections), timeout_keep_alive=5))
 
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM (or stop()); returns after the graceful drain."""

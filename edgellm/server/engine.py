@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import BackendError, ContextOverflowError, EdgeLLMError
-from ..runtimes.base import SamplerConfig
+from ..runtimes.base import BatchBackend, SamplerConfig
 from ..runtimes.kv_cache import SavedState, common_prefix
 from ..session import STASH_MIN_TOKENS, Session
 from ..textstream import TextAssembler
@@ -105,9 +105,9 @@ class Engine:
     def __init__(self, session: Session, *, parallel: int = 4, max_queue: int = 16, step_tokens: int = 512,
                  batch: bool = True, pinned: tuple[SavedState, ...] = ()) -> None:
         be = session.backend
-        if not hasattr(be, "decode_batch"):
+        if not isinstance(be, BatchBackend):
             raise BackendError(f"edgellm serve needs the llama.cpp backend (a GGUF model); this model runs on {be.name}")
-        n_seq = getattr(getattr(be, "options", None), "n_seq", 1)
+        n_seq = be.n_seq
         if parallel > n_seq:
             raise BackendError(f"the backend holds {n_seq} sequences; load with parallel={parallel}")
         self.session, self.backend = session, be

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported for type hints only: app.py imports this module
     from ..session import Session
-    from .app import ServeConfig
+    from .config import ServeConfig
     from .engine import Engine, Request
 
 

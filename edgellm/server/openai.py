@@ -1,4 +1,5 @@
-"""The OpenAI wire format: request validation and response bodies (chat, completions, errors).
+"""The OpenAI wire format: requests turned into prompt tokens (validated by edgellm.server.schema) and
+response bodies (chat, completions, errors).
 
 Hand-written because it is small and edgellm needs only the fields it serves; the official `openai`
 client is the compatibility check (tests/test_serve.py).
@@ -7,11 +8,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import EdgeLLMError
 from ..runtimes.base import SamplerConfig
+from ..session import Session
+from .config import ServeConfig
 
 
 class APIError(EdgeLLMError):
@@ -27,10 +30,10 @@ class APIError(EdgeLLMError):
 
 
 @dataclass
-class Params:
-    """What a chat or completion request asks for, validated."""
+class Prepared:
+    """A validated request, ready for the engine: prompt tokens and how to answer."""
 
-    model: str | None
+    tokens: list[int]
     stream: bool
     include_usage: bool
     max_tokens: int | None
@@ -38,75 +41,49 @@ class Params:
     sampler: SamplerConfig
 
 
-def _num(body: dict, key: str, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
-        raise APIError(400, f"'{key}' must be {'a number' if kind is float else 'an integer'}", param=key)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise APIError(400, f"'{key}' must be between {lo} and {hi}, got {v}", param=key)
-    return kind(v)
+def prepare(session: Session, config: ServeConfig, raw: bytes, *, chat: bool) -> Prepared:
+    """Validate a request body as a whole (edgellm.server.schema) and tokenize its prompt.
+
+    Runs off the event loop (rendering and tokenizing a large prompt takes a while). Message text is
+    tokenized with special tokens kept to the template's own markup (Session.chat_tokens); a text
+    completion's prompt is the caller's raw text, special tokens included, as in llama-server.
+    """
+    from . import schema
+
+    try:
+        body = schema.parse(schema.ChatRequest if chat else schema.CompletionRequest, raw)
+    except schema.SchemaError as e:
+        raise APIError(400, str(e), param=e.param, code=e.code) from None
+    if body.model not in (None, config.model_id):
+        raise APIError(404, f"the model {body.model!r} does not exist; this server has {config.model_id!r}",
+                       code="model_not_found", param="model")
+    sampler = _sampler(body, session.default_sampler)
+    param = "messages" if chat else "prompt"
+    try:
+        if chat:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            if config.system is not None and messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": config.system})
+            tokens = session.chat_tokens(messages)
+        else:
+            tokens = session.tokenize(body.text())
+    except EdgeLLMError as e:  # a template that fails or runs out of time, text that is not valid Unicode
+        raise APIError(400, str(e), param=param) from None
+    return Prepared(tokens, body.stream, bool(body.stream_options and body.stream_options.include_usage),
+                    body.limit, body.stops, sampler)
 
 
-def parse_params(body: Any, default: SamplerConfig) -> Params:
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    stop = body.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if not all(isinstance(s, str) for s in stops) or len(stops) > 4:
-        raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
-    max_tokens = _num(body, "max_completion_tokens", int, 1) or _num(body, "max_tokens", int, 1)
-    temperature = _num(body, "temperature", float, 0, 2)
-    top_p = _num(body, "top_p", float, 0, 1)
-    seed = _num(body, "seed", int)
-    sampler = default
-    overrides: dict[str, Any] = {}
-    if temperature is not None:
-        overrides["temperature"] = temperature
-    if top_p is not None:
-        overrides.update(top_p=max(top_p, 1e-6))
-    if seed is not None:
-        overrides["seed"] = seed % 2**32
-    if overrides:
-        sampler = SamplerConfig(**{**default.__dict__, **overrides})
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise APIError(400, "'model' must be a string", param="model")
-    opts = body.get("stream_options") or {}
-    return Params(model=model, stream=bool(body.get("stream", False)),
-                  include_usage=bool(isinstance(opts, dict) and opts.get("include_usage")),
-                  max_tokens=max_tokens, stops=stops, sampler=sampler)
-
-
-def chat_messages(body: dict) -> list[dict[str, str]]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise APIError(400, "'messages' must be a non-empty list", param="messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise APIError(400, f"messages[{i}] needs a 'role' and a 'content'", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # [{'type': 'text', 'text': ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise APIError(400, f"messages[{i}]: only text content is supported", param="messages")
-            content = "".join(str(p.get("text", "")) for p in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string", param="messages")
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
-def completion_prompt(body: dict) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
-    return prompt
+def _sampler(body: Any, default: SamplerConfig) -> SamplerConfig:
+    overrides: dict[str, Any] = {k: v for k in ("temperature", "top_k", "min_p", "repeat_penalty")
+                                 if (v := getattr(body, k)) is not None}
+    if body.top_p is not None:
+        overrides["top_p"] = max(body.top_p, 1e-6)
+    if body.seed is not None:
+        overrides["seed"] = body.seed % 2**32
+    try:
+        return replace(default, **overrides) if overrides else default
+    except EdgeLLMError as e:
+        raise APIError(400, str(e)) from None
 
 
 def new_id(prefix: str) -> str:
