@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jinja2
 
+from .. import store
 from ..atomic import atomic_path
 from ..errors import UsageError
 from . import apk as apkmod
@@ -58,9 +59,9 @@ def package_android(model: str | os.PathLike | None, out: str | os.PathLike, *, 
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"{out} exists: choose another directory or pass --force to replace it")
-    if apk and (backend or "").lower() == "llama.cpp":
-        raise UsageError("--apk builds the ONNX backend (no libc++ for llama.cpp's libraries here): "
-                         "drop --apk, or package an ONNX export")
+    if apk and ((backend or "").lower() == "llama.cpp" or (backend is None and store.resolve(model).kind != "onnx")):
+        raise UsageError("--apk builds the ONNX backend (llama.cpp's Android libraries need libc++, which "
+                         "cannot be built here): package an ONNX export (edgellm convert --format onnx), or drop --apk")
     for abi in abis:
         if abi not in jnibuild.TRIPLES:
             raise UsageError(f"unknown ABI {abi!r}: choose from {', '.join(jnibuild.TRIPLES)}")
@@ -68,8 +69,6 @@ def package_android(model: str | os.PathLike | None, out: str | os.PathLike, *, 
         raise UsageError(f"{package!r} is not a valid Android application id (e.g. com.example.chat)")
     src = source.prepare(model, backend, system=system, target="android", phone=phone, n_ctx=n_ctx,
                          max_tokens=max_tokens, threads=threads, progress=progress)
-    if apk and src.backend != "onnx":
-        raise UsageError("--apk builds the ONNX backend: package an ONNX export (edgellm convert --format onnx)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, directory=True) as tmp:
         assets = tmp / "app/src/main/assets/edgellm"

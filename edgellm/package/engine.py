@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import PackagingError
+from ..errors import ContextOverflowError, PackagingError
 from .manifest import ChatPieces
 
 STATE_NONE, STATE_RESTORED, STATE_REFUSED = 0, 1, 2
@@ -32,7 +32,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
             ("el_open", p, [ctypes.POINTER(_Options), s, sz]), ("el_begin", i, [p, s, i]),
             ("el_next", i, [p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(sz)]), ("el_reset", None, [p]),
             ("el_close", None, [p]), ("el_error", s, [p]), ("el_info", s, [p]), ("el_state_status", i, [p]),
-            ("el_system_tokens", i, [p]), ("el_prompt_tokens", i, [p]), ("el_n_tokens", i, [p]),
+            ("el_system_tokens", i, [p]), ("el_system_seconds", ctypes.c_double, [p]), ("el_prompt_tokens", i, [p]), ("el_n_tokens", i, [p]),
             ("el_answer_tokens", ctypes.POINTER(ctypes.c_int32), [p, ctypes.POINTER(sz)]),
             ("el_tokenize", i, [p, s, i, ctypes.POINTER(ctypes.c_int32), i]),
             ("el_state_data", sz, [p, ctypes.c_void_p, sz])):
@@ -70,7 +70,11 @@ class Engine:
         self._e = self._lib.el_open(ctypes.byref(opts), err, len(err))
         self.open_seconds = time.perf_counter() - t0
         if not self._e:
-            raise PackagingError(f"the app engine could not open {model_path}: {err.value.decode(errors='replace')}")
+            why = err.value.decode(errors="replace")
+            if "conversation is full" in why:  # the system prompt alone overflows the context
+                raise ContextOverflowError(f"the system prompt does not fit the {n_ctx}-token context "
+                                           f"({why.split('(')[-1].split(')')[0]}): shorten it or raise --ctx")
+            raise PackagingError(f"the app engine could not open {model_path}: {why}")
 
     @property
     def info(self) -> str:
@@ -83,6 +87,11 @@ class Engine:
     @property
     def system_tokens(self) -> int:
         return self._lib.el_system_tokens(self._e)
+
+    @property
+    def system_seconds(self) -> float:
+        """What putting the system prompt in the cache took at open (state restore or evaluation)."""
+        return self._lib.el_system_seconds(self._e)
 
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
         buf = (ctypes.c_int32 * (len(text.encode()) + 16))()

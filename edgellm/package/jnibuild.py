@@ -26,7 +26,7 @@ GENAI_SOURCES = ("engine_genai.c", "jni_bridge.c")
 LLAMA_SOURCES = ("engine_llama.c", "jni_bridge.c")
 # libc functions bionic's libc.so exports (API >= 21) that the engine and bridge may call
 BIONIC = frozenset({"malloc", "calloc", "realloc", "free", "memcpy", "memmove", "memset", "memcmp", "strlen",
-                    "strcmp", "snprintf", "vsnprintf", "fopen", "fread", "fseek", "ftell", "fclose",
+                    "strcmp", "snprintf", "vsnprintf", "fopen", "fread", "fseek", "ftell", "fclose", "clock_gettime",
                     "__stack_chk_fail", "__stack_chk_guard"})
 
 

@@ -57,6 +57,7 @@ const char *el_error(const el_engine *e);
 const char *el_info(const el_engine *e);
 int el_state_status(const el_engine *e);
 int el_system_tokens(const el_engine *e);   /* tokens of system_text in the cache */
+double el_system_seconds(const el_engine *e);  /* what putting them there took: state restore or evaluation */
 int el_prompt_tokens(const el_engine *e);   /* tokens the last el_begin appended */
 int el_n_tokens(const el_engine *e);        /* tokens in the conversation so far */
 /* The token ids of the answer so far (for exact comparisons in tests). */

@@ -16,6 +16,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 struct el_engine {
     OgaModel *model;
@@ -27,6 +34,7 @@ struct el_engine {
     int n_ctx, n_system, n_prompt, max_tokens, produced, started, done;
     int32_t *answer;
     size_t answer_cap;
+    double system_seconds;
     char err[512];
     char info[512];
 };
@@ -75,6 +83,7 @@ static int new_generator(el_engine *e) {
     e->gen = NULL;
     if (failed(e, OgaCreateGenerator(e->model, e->params, &e->gen), "generator")) return -1;
     e->n_system = 0;
+    double t0 = now_seconds();
     if (e->system_text[0]) {
         int32_t *ids = NULL;
         size_t n = 0;
@@ -84,6 +93,7 @@ static int new_generator(el_engine *e) {
         if (failed(e, r, "system prompt")) return -1;
         e->n_system = (int)seq_len(e);
     }
+    e->system_seconds = now_seconds() - t0;
     return 0;
 }
 
@@ -260,6 +270,7 @@ const char *el_error(const el_engine *e) { return e->err; }
 const char *el_info(const el_engine *e) { return e->info; }
 int el_state_status(const el_engine *e) { (void)e; return EL_STATE_NONE; }
 int el_system_tokens(const el_engine *e) { return e->n_system; }
+double el_system_seconds(const el_engine *e) { return e->system_seconds; }
 int el_prompt_tokens(const el_engine *e) { return e->n_prompt; }
 int el_n_tokens(const el_engine *e) { return (int)seq_len((el_engine *)e); }
 

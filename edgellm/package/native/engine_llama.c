@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #ifndef EL_LLAMA_BUILD
 #define EL_LLAMA_BUILD "unknown build"
@@ -27,6 +28,12 @@
 
 #define EL_BATCH 512
 #define EL_STATE_MAGIC "EDGEKV01"
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 struct el_engine {
     struct llama_model *model;
@@ -42,6 +49,7 @@ struct el_engine {
     char utf8[64];            /* the incomplete UTF-8 tail of the pieces so far */
     size_t n_utf8;
     char piece[320];
+    double system_seconds;
     char err[512];
     char info[512];
 };
@@ -204,6 +212,7 @@ el_engine *el_open(const el_options *o, char *err, size_t err_len) {
     e->smpl = llama_sampler_chain_init(llama_sampler_chain_default_params());
     llama_sampler_chain_add(e->smpl, llama_sampler_init_greedy());
     char why[512] = "";
+    double t0 = now_seconds();
     if (o->state_path && o->state_path[0] && o->n_state_tokens > 0) {
         e->state = restore_state(e, o);
         if (e->state == EL_STATE_REFUSED) {
@@ -215,6 +224,7 @@ el_engine *el_open(const el_options *o, char *err, size_t err_len) {
         if (tokenize_into_todo(e, e->system_text, 1) || eval_todo(e)) goto fail;
     }
     e->n_system = e->n_past;
+    e->system_seconds = now_seconds() - t0;
     if (e->state == EL_STATE_RESTORED) {
         snprintf(e->info, sizeof e->info, "llama.cpp %s, flash attention on, KV f16; system prompt: %d tokens "
                  "restored from the shipped state", EL_LLAMA_BUILD, e->n_system);
@@ -335,6 +345,7 @@ const char *el_error(const el_engine *e) { return e->err; }
 const char *el_info(const el_engine *e) { return e->info; }
 int el_state_status(const el_engine *e) { return e->state; }
 int el_system_tokens(const el_engine *e) { return e->n_system; }
+double el_system_seconds(const el_engine *e) { return e->system_seconds; }
 int el_prompt_tokens(const el_engine *e) { return e->n_prompt; }
 int el_n_tokens(const el_engine *e) { return e->n_past + (int)e->n_todo; }
 
