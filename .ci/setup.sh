@@ -46,6 +46,25 @@ if [[ "$EXTRAS" == *test* ]] && command -v apt-get >/dev/null && command -v dpkg
 fi
 # --- end chat page tests --------------------------------------------------------------------------
 
+# --- mobile packaging tests (tests/test_package_android.py, tests/test_package_ios.py) ------------------
+# Debian's Android build tools (the SDK's own cannot be downloaded here), clang/lld for Android's ABIs,
+# a JDK (apksigner, smali, keytool, the host JVM test), enjarify (dex -> JVM bytecode), npm (the pinned
+# onnxruntime / llama.cpp mobile binaries). Only for the test extras, only when missing.
+MOBILE_APT="aapt zipalign apksigner android-framework-res libsmali-java dexdump enjarify clang-14 lld-14 llvm-14 openjdk-17-jdk-headless npm cmake"
+if [[ "$EXTRAS" == *test* ]] && command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
+  missing=""
+  for p in $MOBILE_APT; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+  done
+  if [ -n "$missing" ]; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    echo "installing$missing (apt, for the mobile packaging tests) ..." >&2
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing >/dev/null
+  fi
+fi
+# --- end mobile packaging tests (the npm binaries and llama.cpp's host build are fetched/built below) ---
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel >/dev/null
 
@@ -67,3 +86,13 @@ if [ "$(cat "$VENV/.llama-build-key" 2>/dev/null)" != "$key" ]; then
 fi
 "$VENV/bin/python" -m pip install -q "$cache"/llama_cpp_python-*.whl
 "$VENV/bin/python" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
+
+# --- mobile packaging: the pinned npm runtimes (version + sha256 checked, ~180 MB extracted) and the host
+# build of the llama.cpp version the apps ship (minutes on 2 cores), both cached under the user cache dir
+# and keyed by version, so a CI run pays for them once per machine
+if [[ "$EXTRAS" == *test* ]] && command -v npm >/dev/null && command -v cmake >/dev/null; then
+  "$VENV/bin/python" -c "from edgellm.package import hostbuild, natives
+for p in natives.PACKAGES.values(): natives.fetch(p)
+hostbuild.host_llama()"
+fi
+# --- end mobile packaging ---
