@@ -1,4 +1,8 @@
-"""Knowledge distillation on the CPU with torch: the pruned student learns the teacher's next-token distribution.
+"""Knowledge distillation with torch: the pruned student learns the teacher's next-token distribution.
+
+Runs on a CUDA device when one is present (bf16 autocast, float32 master weights and AdamW state), else on
+the CPU in float32; `DistillConfig.device` / `--device` choose explicitly. The same state file resumes on
+either.
 
 The teacher's top-k logits come precomputed (kd_data), so the teacher never runs during training. Losses:
 forward KL (default; mode-covering, recovers perplexity), reverse KL (mode-seeking) or skew KL
@@ -15,6 +19,7 @@ import dataclasses
 import hashlib
 import io
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +51,8 @@ class DistillConfig:
     seed: int = 0
     save_every_s: float = 120.0
     threads: int | None = None
+    device: str = "auto"               # auto (CUDA when present), cpu, cuda or cuda:N
+    precision: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32
 
     def check(self) -> None:
         if self.loss not in LOSSES:
@@ -56,6 +63,30 @@ class DistillConfig:
             raise UsageError("the distillation budget must be positive")
         if self.temperature <= 0:
             raise UsageError("--temperature must be positive")
+        if self.device != "auto" and self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UsageError(f"--precision must be auto, bf16 or fp32, not {self.precision!r}")
+
+
+def pick_device(cfg: DistillConfig) -> tuple[str, str]:
+    """(torch device, precision) for a run: CUDA with bf16 autocast when present (or asked for), else CPU fp32."""
+    import torch
+
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA device here (install a CUDA build of torch, or use "
+                             "--device cpu)")
+        index = int(want.split(":")[1]) if ":" in want else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {want}: only {torch.cuda.device_count()} CUDA device(s) here")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if want.startswith("cuda") else "fp32")
+    if precision == "bf16" and want.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        precision = "fp32"   # pre-Ampere GPUs: bf16 autocast would be emulated, slower than fp32
+    return want, precision
 
 
 @dataclass
@@ -67,6 +98,7 @@ class DistillResult:
     last_loss: float | None        # mean over the last 10 steps
     resumed_from_step: int
     state_path: str
+    device: str = "cpu"            # where it trained, e.g. "cuda:0 (NVIDIA H100 80GB HBM3), bf16" or "cpu, fp32"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,12 +164,17 @@ def distill(student: Checkpoint, data: KDData, cfg: DistillConfig, work_dir: Pat
     if student.config.vocab_size <= int(data.topk_ids.max()):
         raise UsageError(f"the student's vocabulary ({student.config.vocab_size}) is smaller than the teacher's "
                          "token ids: distillation needs the same tokenizer")
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    device, precision = pick_device(cfg)
+    if device == "cpu":
+        torch.set_num_threads(cfg.threads or torch.get_num_threads())
     torch.manual_seed(cfg.seed)
     key = f"{_fingerprint(student)}-{data.key}-{cfg.loss}-{cfg.temperature}-{cfg.batch}-{cfg.lr}-{cfg.seed}"
     state_path = Path(work_dir) / "distill-state.pt"
-    model = to_torch(student)
+    model = to_torch(student).to(device)    # float32 master weights; bf16 only inside autocast
     model.train()
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+    where = (f"{device} ({torch.cuda.get_device_name(device)}), {precision}" if device.startswith("cuda")
+             else f"cpu, {precision}")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     other = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -145,7 +182,7 @@ def distill(student: Checkpoint, data: KDData, cfg: DistillConfig, work_dir: Pat
     step, n_tok, elapsed, losses, first = 0, 0, 0.0, [], None
     if state_path.exists():
         try:
-            st = torch.load(state_path, map_location="cpu", weights_only=False)
+            st = torch.load(state_path, map_location=device, weights_only=False)
         except Exception:  # noqa: BLE001 - a corrupt state file is ignored, never trusted
             st = None
         if st is not None and st.get("key") == key:
@@ -180,19 +217,20 @@ def distill(student: Checkpoint, data: KDData, cfg: DistillConfig, work_dir: Pat
             b = batch_of(step)
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg, frac())
-            ids = torch.from_numpy(data.tokens[b])
-            logits = model(input_ids=ids).logits
-            loss = kd_loss(logits, torch.from_numpy(data.topk_ids[b]), torch.from_numpy(data.topk_logits[b]),
-                           torch.from_numpy(data.lse[b]), kind=cfg.loss, temperature=cfg.temperature,
-                           skew=cfg.skew)
+            ids = torch.from_numpy(data.tokens[b]).to(device)
+            with autocast:
+                logits = model(input_ids=ids).logits
+            loss = kd_loss(logits, torch.from_numpy(data.topk_ids[b]).to(device),   # the loss itself in float32
+                           torch.from_numpy(data.topk_logits[b]).to(device), torch.from_numpy(data.lse[b]).to(device),
+                           kind=cfg.loss, temperature=cfg.temperature, skew=cfg.skew)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step, n_tok = step + 1, n_tok + per_step
+            value = loss.item()      # waits for the device: the step's time below is its real time
             dt = time.perf_counter() - t0
             elapsed += dt
-            value = loss.item()
             first = value if first is None else first
             losses.append(value)
             if progress:
@@ -209,7 +247,7 @@ def distill(student: Checkpoint, data: KDData, cfg: DistillConfig, work_dir: Pat
     snapshot()
     model.eval()
     result = DistillResult(step, n_tok, elapsed, first, float(np.mean(losses[-10:])) if losses else None,
-                           resumed, str(state_path))
+                           resumed, str(state_path), where)
     return from_torch(model, student.config, student), result
 
 
