@@ -280,11 +280,10 @@ def test_genai_engine_turns_match_a_fresh_run(onnx_dir):
 
 @pytest.mark.slow
 def test_llama_shipped_state_answers_like_cold_and_cuts_ttft(llama_app):
-    from edgellm.runtimes.kv_cache import read_state_file
-
     from edgellm.package import hostbuild
     from edgellm.package.engine import STATE_REFUSED, STATE_RESTORED, Engine
     from edgellm.package.state import fingerprint
+    from edgellm.runtimes.kv_cache import read_state_file
 
     m = llama_app.manifest
     state = m["system_state"]

@@ -171,8 +171,8 @@ def _local_maven(repo: Path) -> None:
             "  <modelVersion>4.0.0</modelVersion>\n  <groupId>com.microsoft.onnxruntime</groupId>\n"
             f"  <artifactId>{artifact}</artifactId>\n  <version>{version}</version>\n  <packaging>aar</packaging>\n"
             "</project>\n", encoding="utf-8")
-        lines.append(f"- `com.microsoft.onnxruntime:{artifact}:{version}` — sha256 "
-                     f"`{natives.sha256_file(src)}`, from npm `{pkg.name}@{pkg.version}` (tarball sha256 `{pkg.sha256}`)")
+        lines.append(f"- `com.microsoft.onnxruntime:{artifact}:{version}` — sha256 `{natives.sha256_file(src)}`, "
+                     f"from npm `{pkg.name}@{pkg.version}` (tarball sha256 `{pkg.sha256}`)")
     (repo / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

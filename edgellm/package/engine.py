@@ -32,7 +32,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
             ("el_open", p, [ctypes.POINTER(_Options), s, sz]), ("el_begin", i, [p, s, i]),
             ("el_next", i, [p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(sz)]), ("el_reset", None, [p]),
             ("el_close", None, [p]), ("el_error", s, [p]), ("el_info", s, [p]), ("el_state_status", i, [p]),
-            ("el_system_tokens", i, [p]), ("el_system_seconds", ctypes.c_double, [p]), ("el_prompt_tokens", i, [p]), ("el_n_tokens", i, [p]),
+            ("el_system_tokens", i, [p]), ("el_system_seconds", ctypes.c_double, [p]),
+            ("el_prompt_tokens", i, [p]), ("el_n_tokens", i, [p]),
             ("el_answer_tokens", ctypes.POINTER(ctypes.c_int32), [p, ctypes.POINTER(sz)]),
             ("el_tokenize", i, [p, s, i, ctypes.POINTER(ctypes.c_int32), i]),
             ("el_state_data", sz, [p, ctypes.c_void_p, sz])):

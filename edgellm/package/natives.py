@@ -116,11 +116,12 @@ def fetch(pkg: NpmPackage, progress: Progress | None = None) -> Path:
 def _npm_pack(pkg: NpmPackage, into: Path, progress: Progress | None) -> Path:
     npm = shutil.which("npm")
     if npm is None:
-        raise MissingToolError(f"fetching {pkg.name}@{pkg.version} needs npm: apt-get install npm (or run .ci/setup.sh)")
+        raise MissingToolError(f"fetching {pkg.name}@{pkg.version} needs npm: apt-get install npm "
+                               "(or run .ci/setup.sh)")
     if progress:
         progress(f"npm {pkg.name}", 0, 1)
-    r = subprocess.run([npm, "pack", f"{pkg.name}@{pkg.version}", "--pack-destination", str(into), "--silent"], check=False,
-                       capture_output=True, text=True, cwd=into)
+    r = subprocess.run([npm, "pack", f"{pkg.name}@{pkg.version}", "--pack-destination", str(into), "--silent"],
+                       check=False, capture_output=True, text=True, cwd=into)
     found = sorted(into.glob("*.tgz"))
     if r.returncode != 0 or not found:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]

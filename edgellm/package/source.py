@@ -49,7 +49,8 @@ def prepare(model: str | os.PathLike | None, backend: str | None, *, system: str
     if chosen not in backends:
         raise UsageError(f"--backend {backend!r} is not available for {target}: choose {' or '.join(backends)}")
     if FORMAT_OF[chosen] != kind:
-        hint = {"onnx": "edgellm convert MODEL --format onnx -o DIR", "llama.cpp": "edgellm convert MODEL -o model.gguf",
+        hint = {"onnx": "edgellm convert MODEL --format onnx -o DIR",
+                "llama.cpp": "edgellm convert MODEL -o model.gguf",
                 "coreml": "edgellm convert MODEL --format coreml -o model.mlpackage"}[chosen]
         raise UnsupportedModelError(f"the {chosen} backend runs a {FORMAT_OF[chosen]} model, and {ref.path} is "
                                     f"{kind}: convert it first ({hint})")

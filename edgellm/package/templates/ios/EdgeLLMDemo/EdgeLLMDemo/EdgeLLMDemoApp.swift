@@ -1,0 +1,8 @@
+import SwiftUI
+
+@main
+struct EdgeLLMDemoApp: App {
+    var body: some Scene {
+        WindowGroup { ChatView() }
+    }
+}
