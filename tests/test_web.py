@@ -500,7 +500,9 @@ def test_usable_at_phone_width(browser, base):
         page.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().right <= 0")
         page.click("#info-toggle")
         info_box = page.locator("#info").bounding_box()
-        assert info_box["width"] <= 390 and page.inner_text("#info-body").count("slot") >= 2
+        assert info_box["width"] <= 390 and page.inner_text("#info-body").count("tokens cached") == 2
+        page.click("#info .close")  # no Esc key on a phone
+        assert page.is_hidden("#info") and page.is_visible("#input")
 
 
 # -- edgellm chat --web ----------------------------------------------------------------------------

@@ -67,10 +67,11 @@ export async function info() {
   return res.json();
 }
 
-/** Ask the server to stop answer `id` (its slot is freed at the next step). */
+/** Ask the server to stop answer `id` (its slot is freed at the next step). True when it will (or the answer
+ * had already finished: 404), so its stream ends by itself. */
 export async function cancel(id) {
   const res = await apiFetch('v1/edgellm/cancel/' + encodeURIComponent(id), { method: 'POST' });
-  return res.ok;
+  return res.ok || res.status === 404;
 }
 
 /**
@@ -87,12 +88,13 @@ export async function streamChat(body, { signal, onStart, onText }) {
   });
   if (!res.ok) throw await errorOf(res);
   const out = { id: null, finish: null, stats: null, usage: null };
-  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  const reader = res.body.getReader();
+  const utf8 = new TextDecoder();
   let buf = '';
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return out;
-    buf += value;
+    buf += utf8.decode(value, { stream: true });
     let text = '';
     let end;
     while ((end = buf.indexOf('\n\n')) >= 0) {

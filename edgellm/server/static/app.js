@@ -165,37 +165,39 @@ function setBusy(busy) {
 async function send() {
   const text = ui.input.value;
   if (!text.trim() || live) return;
-  notify('');
   const chat = current();
   chat.messages.push({ role: 'user', content: text });
-  if (chat.title === 'New chat') chat.title = text.trim().split('\n')[0].slice(0, 60);
   const msg = { role: 'assistant', content: '', pending: true };
   chat.messages.push(msg);
+  const t0 = performance.now();
+  const l = { chatId: chat.id, msg, node: null, ctl: new AbortController(), id: null, stopping: false, first: null };
+  live = l;
+  // the request leaves first; the page's own work (storage, re-rendering) happens while the server prefills.
+  // Callbacks run only after this function yields, so render() below has created the answer's node by then.
+  const answer = api.streamChat(requestBody(chat, msg), {
+    signal: l.ctl.signal,
+    onStart: (id) => {
+      l.id = id;
+    },
+    onText: (piece) => {
+      const follow = nearBottom();
+      msg.content += piece;
+      if (l.node) updateAnswer(l.node, msg);
+      if (l.first === null) l.first = performance.now() - t0;
+      if (follow) scrollToEnd();
+    },
+  });
+  notify('');
+  if (chat.title === 'New chat') chat.title = text.trim().split('\n')[0].slice(0, 60);
   chat.updated = Date.now();
   store.chats = [chat, ...store.chats.filter((c) => c !== chat)];
   ui.input.value = '';
   grow();
-  const t0 = performance.now();
-  const l = { chatId: chat.id, msg, node: null, ctl: new AbortController(), id: null, stopping: false, first: null };
-  live = l;
   persist();
   render();
   setBusy(true);
   try {
-    const res = await api.streamChat(requestBody(chat, msg), {
-      signal: l.ctl.signal,
-      onStart: (id) => {
-        l.id = id;
-        if (l.stopping) api.cancel(id).catch(() => {});
-      },
-      onText: (piece) => {
-        const follow = nearBottom();
-        msg.content += piece;
-        if (l.node) updateAnswer(l.node, msg);
-        if (l.first === null) l.first = performance.now() - t0;
-        if (follow) scrollToEnd();
-      },
-    });
+    const res = await answer;
     msg.stats = { ...(res.stats || { finish_reason: res.finish }) };
   } catch (e) {
     if (e.name === 'AbortError') msg.stats = { finish_reason: 'cancelled' };
@@ -216,16 +218,19 @@ async function send() {
   }
 }
 
-/** Stop the answer: ask the server to cancel it (its slot is freed at the next step); if the stream has not
- * ended shortly after (no id yet, a proxy in between), drop the connection, which cancels it as well. */
+/** Stop the answer: ask the server to cancel it (the engine drops it at its next step, frees the slot and ends
+ * the stream with its stats). Without an id yet, or when the request to cancel fails, drop the connection,
+ * which cancels it as well; and drop it anyway if the stream has not ended 15 s later (a wedged proxy). */
 function stop() {
   const l = live;
   if (!l || l.stopping) return;
   l.stopping = true;
   ui.stop.disabled = true;
   ui.status.textContent = 'stopping …';
-  if (l.id) api.cancel(l.id).catch(() => {});
-  l.timer = setTimeout(() => l.ctl.abort(), l.id ? 2000 : 0);
+  const drop = () => l.ctl.abort();
+  if (!l.id) return drop();
+  api.cancel(l.id).then((ok) => ok || drop(), drop);
+  l.timer = setTimeout(drop, 15000);
 }
 
 async function refreshInfo() {
@@ -322,6 +327,9 @@ function bind() {
   $('settings-toggle').addEventListener('click', (ev) => togglePanel(ui.settings, ev.currentTarget));
   $('info-toggle').addEventListener('click', (ev) => togglePanel(ui.info, ev.currentTarget));
   $('info-refresh').addEventListener('click', refreshInfo);
+  for (const p of [ui.settings, ui.info]) {
+    p.querySelector('.close').addEventListener('click', () => togglePanel(p, $(p.id + '-toggle')));
+  }
   ui.settings.addEventListener('input', readSettings);
   $('export-all').addEventListener('click', () => download('edgellm-chats.json', chats.exportJson(store.chats)));
   $('import').addEventListener('click', () => ui.importFile.click());

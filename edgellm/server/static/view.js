@@ -133,7 +133,7 @@ export function renderInfo(body, info) {
   if (plan.est_memory_bytes) row('Memory (estimate)', mib(plan.est_memory_bytes));
   row('Context', `${info.context_tokens} tokens per slot, ${info.mode} decoding`);
   row('Slots', h('ul', { class: 'slots' }, (info.slots || []).map((s) =>
-    h('li', { text: `slot ${s.slot}: ${s.busy ? 'answering' : 'idle'}, ${s.cached_tokens} tokens in KV` }))));
+    h('li', { text: `${s.slot}: ${s.busy ? 'answering' : 'idle'} · ${s.cached_tokens} tokens cached` }))));
   const kv = info.kv_cache || {};
   row('KV snapshots', `${kv.memory_states} in memory (${mib(kv.memory_bytes)} of ${mib(kv.memory_max_bytes)})`);
   if (info.system_prompt_tokens) row('System prompt', `${info.system_prompt_tokens} tokens, KV state pinned`);
