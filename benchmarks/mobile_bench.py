@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -44,37 +43,24 @@ def apk_figures(onnx: Path, work: Path) -> dict:
 
 
 def ttft_figures(work: Path, runs: int, threads: int) -> dict:
-    from edgellm.package import hostbuild, package_android
-    from edgellm.package.engine import STATE_RESTORED, Engine
+    from edgellm.package import package_android
     from edgellm.package.manifest import ChatPieces
+    from edgellm.package.state import measure_ttft
 
     pkg = package_android("smollm2-135m", work / "llama-app", system=SYSTEM)
     m = pkg.manifest
     model_dir = pkg.out / "app/src/main/assets/edgellm/model"
-    gguf, kv = model_dir / m["files"][0], model_dir / m["system_state"]["file"]
-    chat, lib = ChatPieces(**m["chat"]), hostbuild.engine_library("llama")
-    times: dict[str, list[float]] = {"cold": [], "state": []}
-    answers: dict[str, list[int]] = {}
-    for _ in range(runs):
-        for label, kw in (("cold", {}), ("state", {"state_path": kv, "state_tokens": m["system_state"]["tokens"]})):
-            with Engine(lib, gguf, chat, n_ctx=2048, threads=threads, **kw) as e:
-                if label == "state":
-                    assert e.state_status == STATE_RESTORED, e.info
-                a = e.ask(QUESTION, 32)
-                times[label].append(e.system_seconds + a.ttft_s)
-                answers[label] = a.tokens
-    cold, state = statistics.median(times["cold"]), statistics.median(times["state"])
-    return {"system_tokens": m["system_state"]["n_tokens"], "state_bytes": m["system_state"]["bytes"],
-            "ttft_cold_ms": round(cold * 1000, 1), "ttft_state_ms": round(state * 1000, 1),
-            "state_over_cold": round(state / cold, 3), "same_answer": answers["cold"] == answers["state"],
-            "runs": runs, "threads": threads, "llama_cpp": m["runtime"]["version"]}
+    state = m["system_state"]
+    result = measure_ttft(model_dir / m["files"][0], ChatPieces(**m["chat"]), model_dir / state["file"],
+                          state["tokens"], QUESTION, threads=threads, runs=runs)
+    return {**result, "state_bytes": state["bytes"], "llama_cpp": m["runtime"]["version"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--onnx", type=Path, help="an edgellm ONNX export of the default model [default: export one]")
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="mobile-bench-") as t:
         work = Path(t)

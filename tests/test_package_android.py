@@ -280,9 +280,7 @@ def test_genai_engine_turns_match_a_fresh_run(onnx_dir):
 
 @pytest.mark.slow
 def test_llama_shipped_state_answers_like_cold_and_cuts_ttft(llama_app):
-    from edgellm.package import hostbuild
-    from edgellm.package.engine import STATE_REFUSED, STATE_RESTORED, Engine
-    from edgellm.package.state import fingerprint
+    from edgellm.package.state import fingerprint, measure_ttft
     from edgellm.runtimes.kv_cache import read_state_file
 
     m = llama_app.manifest
@@ -292,15 +290,10 @@ def test_llama_shipped_state_answers_like_cold_and_cuts_ttft(llama_app):
     assert natives.sha256_file(kv) == state["sha256"] and state["llama_cpp"] == "b10679-50f068fff"
     saved = read_state_file(kv, fingerprint(state["model_sha256"]))  # checksums verified
     assert saved.tokens == state["tokens"] and state["n_tokens"] > 60
-    chat, lib = _pieces(m["chat"]), hostbuild.engine_library("llama")
-    runs = {}
-    for label, kw in (("cold", {}), ("state", {"state_path": kv, "state_tokens": state["tokens"]})):
-        with Engine(lib, gguf, chat, n_ctx=2048, threads=2, **kw) as e:
-            runs[label] = (e.state_status, e.system_seconds, e.ask(QUESTION, 32))
-    assert runs["state"][0] == STATE_RESTORED and runs["cold"][0] != STATE_REFUSED
-    assert runs["state"][2].tokens == runs["cold"][2].tokens and runs["cold"][2].tokens
-    ttft = {k: v[1] + v[2].ttft_s for k, v in runs.items()}
-    assert ttft["state"] <= 0.25 * ttft["cold"], ttft
+    r = measure_ttft(gguf, _pieces(m["chat"]), kv, state["tokens"], QUESTION, runs=1)
+    assert r["restored"] and r["same_answer"]
+    # CPU time: the work; wall time on a shared 2-core machine swings with whatever else runs
+    assert r["state_over_cold_cpu"] <= 0.25, r
 
 
 @pytest.mark.slow

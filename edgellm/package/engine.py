@@ -49,6 +49,7 @@ class Answer:
     prompt_tokens: int
     ttft_s: float        # el_begin to the first piece (prompt evaluation + one step)
     seconds: float
+    ttft_cpu_s: float    # the same in this process's CPU time: the work, whatever else the machine runs
     pieces: list[str] = field(default_factory=list)
 
     @property
@@ -67,9 +68,10 @@ class Engine:
                         chat.turn_prefix.encode(), chat.turn_suffix.encode(),
                         str(state_path).encode() if state_path else None, self._tokens, len(state_tokens), 0)
         err = ctypes.create_string_buffer(512)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self._e = self._lib.el_open(ctypes.byref(opts), err, len(err))
         self.open_seconds = time.perf_counter() - t0
+        self.open_cpu_seconds = time.process_time() - c0  # model load + system prompt (restored or evaluated)
         if not self._e:
             why = err.value.decode(errors="replace")
             if "conversation is full" in why:  # the system prompt alone overflows the context
@@ -111,11 +113,11 @@ class Engine:
         return buf.raw[:got]
 
     def ask(self, text: str, max_tokens: int = 64) -> Answer:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if self._lib.el_begin(self._e, text.encode(), max_tokens) != 0:
             raise PackagingError(self._lib.el_error(self._e).decode(errors="replace"))
         piece, size = ctypes.c_void_p(), ctypes.c_size_t()
-        pieces, ttft = [], 0.0
+        pieces, ttft, ttft_cpu = [], 0.0, 0.0
         while True:
             rc = self._lib.el_next(self._e, ctypes.byref(piece), ctypes.byref(size))
             if rc < 0:
@@ -123,13 +125,13 @@ class Engine:
             if rc == 0:
                 break
             if not pieces:
-                ttft = time.perf_counter() - t0
+                ttft, ttft_cpu = time.perf_counter() - t0, time.process_time() - c0
             pieces.append(ctypes.string_at(piece, size.value).decode("utf-8", "replace"))
         n = ctypes.c_size_t()
         ids = self._lib.el_answer_tokens(self._e, ctypes.byref(n))
         tokens = [ids[i] for i in range(n.value)]
         return Answer("".join(pieces), tokens, self._lib.el_prompt_tokens(self._e), ttft,
-                      time.perf_counter() - t0, pieces)
+                      time.perf_counter() - t0, ttft_cpu, pieces)
 
     def reset(self) -> None:
         self._lib.el_reset(self._e)

@@ -73,11 +73,30 @@ def package_ios(model: str | os.PathLike | None, out: str | os.PathLike, *, syst
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, directory=True) as tmp:
         resources = _write_package(tmp / "EdgeLLM", src)
+        warnings = list(src.warnings)
+        if src.backend == "llama.cpp":
+            warnings += _check_xcframework(tmp / "EdgeLLM/Frameworks/llama.xcframework", tmp / ".check")
         _write_demo(tmp / "EdgeLLMDemo", src, app_name=app_name, bundle_id=bundle_id)
         _write_readme(tmp, src, app_name=app_name, resources=resources, phone=phone)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     return IosPackage(out, src.backend, src.manifest, files, time.perf_counter() - t0,
-                      src.manifest.get("system_state"), list(src.warnings))
+                      src.manifest.get("system_state"), warnings)
+
+
+def _check_xcframework(xcframework: Path, work: Path) -> list[str]:
+    """The link step Xcode would fail at, done now: slices, minimum iOS, every symbol the engine calls."""
+    from ..errors import MissingToolError, PackagingError
+    from . import macho
+
+    try:
+        problems = macho.check_llama_xcframework(xcframework, work)
+    except MissingToolError as e:
+        return [f"the xcframework was not checked: {e}"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if problems:
+        raise PackagingError(f"{xcframework.name} does not fit the engine: {'; '.join(problems)}")
+    return []
 
 
 def _env() -> jinja2.Environment:

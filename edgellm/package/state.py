@@ -50,3 +50,42 @@ def shipped_state(gguf: Path, chat: ChatPieces, dest: Path, *, n_ctx: int, threa
             "bytes": dest.stat().st_size, "n_tokens": len(tokens), "tokens": tokens,
             "llama_cpp": f"b{natives.LLAMA_CPP_BUILD}-{natives.LLAMA_CPP_COMMIT}", "flash_attn": True,
             "type_k": "f16", "type_v": "f16", "model_sha256": model_sha}
+
+
+def measure_ttft(gguf: Path, chat: ChatPieces, state_path: Path, state_tokens: list[int], question: str, *,
+                 n_ctx: int = 2048, threads: int = 1, runs: int = 3, max_tokens: int = 32) -> dict:
+    """Time to the first answer token after the model is loaded, cold (the system prompt evaluated) and
+    with the shipped state restored, on the app's engine. Wall time, and CPU time of this process (the
+    work itself: a busy machine stretches wall time, not CPU time; one thread keeps spin-waits out).
+    Model loading is the same in both and is not counted: the CPU it takes is measured by opening the
+    model with no system prompt and subtracted."""
+    import statistics
+
+    from .engine import STATE_RESTORED
+
+    lib = hostbuild.engine_library("llama")
+    bare = ChatPieces(chat.system, "", chat.turn_prefix, chat.turn_suffix)
+    wall: dict[str, list[float]] = {"cold": [], "state": []}
+    cpu: dict[str, list[float]] = {"cold": [], "state": []}
+    answers: dict[str, list[int]] = {}
+    restored = True
+    for _ in range(runs):
+        with Engine(lib, gguf, bare, n_ctx=n_ctx, threads=threads) as e:
+            load_cpu = e.open_cpu_seconds
+        for label, kw in (("cold", {}), ("state", {"state_path": state_path, "state_tokens": state_tokens})):
+            with Engine(lib, gguf, chat, n_ctx=n_ctx, threads=threads, **kw) as e:
+                if label == "state":
+                    restored = restored and e.state_status == STATE_RESTORED
+                a = e.ask(question, max_tokens)
+                wall[label].append(e.system_seconds + a.ttft_s)
+                cpu[label].append(max(e.open_cpu_seconds - load_cpu, 0.0) + a.ttft_cpu_s)
+                answers[label] = a.tokens
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    return {"ttft_cold_ms": round(med["cold"] * 1000, 1), "ttft_state_ms": round(med["state"] * 1000, 1),
+            "ttft_cold_cpu_ms": round(med_cpu["cold"] * 1000, 1),
+            "ttft_state_cpu_ms": round(med_cpu["state"] * 1000, 1),
+            "state_over_cold_wall": round(med["state"] / med["cold"], 3),
+            "state_over_cold_cpu": round(med_cpu["state"] / med_cpu["cold"], 3),
+            "same_answer": answers["cold"] == answers["state"], "restored": restored, "runs": runs,
+            "threads": threads, "system_tokens": len(state_tokens)}
