@@ -123,7 +123,7 @@ def _write_package(root: Path, src) -> list[str]:
     res = root / "Sources/EdgeLLM/Resources"
     res.mkdir(parents=True)
     for f in src.files:
-        _place(f, res / f.name)
+        _place(f, res / ("model.mlpackage" if f.suffix == ".mlpackage" else f.name))
     if src.state_file is not None:
         _place(src.state_file, res / src.state_file.name)
     (res / "manifest.json").write_text(json.dumps(src.manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -54,12 +54,17 @@ def chat_pieces(template: str | None, system: str | None, *, bos_token: str = ""
 
 
 def file_digests(paths: list[Path]) -> dict[str, str]:
+    """sha256 per file; a directory (an .mlpackage) hashes its files' relative paths and contents in order."""
     out = {}
     for p in paths:
         h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        members = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for q in members:
+            if p.is_dir():
+                h.update(f"{q.relative_to(p).as_posix()}\0".encode())
+            with open(q, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
         out[p.name] = h.hexdigest()
     return out
 
@@ -82,7 +87,7 @@ def build(*, model_name: str, model_format: str, files: list[Path], runtime: dic
     return {
         "format": FORMAT, "version": VERSION,
         "model": {"name": model_name, "format": model_format, "sha256": digest,
-                  "bytes": sum(p.stat().st_size for p in files), "files": digests},
+                  "bytes": sum(_size(p) for p in files), "files": digests},
         "model_dir": f"model-{digest[:12]}",
         "files": [p.name for p in files],
         "runtime": runtime,
@@ -92,6 +97,10 @@ def build(*, model_name: str, model_format: str, files: list[Path], runtime: dic
         "memory": fit,
         "edgellm": {"version": edgellm_version, "created": int(time.time())},
     }
+
+
+def _size(p: Path) -> int:
+    return sum(q.stat().st_size for q in p.rglob("*") if q.is_file()) if p.is_dir() else p.stat().st_size
 
 
 def write(manifest: dict, path: Path) -> None:

@@ -43,7 +43,7 @@ struct ChatView: View {
 
     private func load() async {
         do {
-            let loaded = try await Task.detached { try EdgeLLM() }.value
+            let loaded = try await Task.detached { try await EdgeLLM() }.value  // off the main thread
             model = loaded
             status = "Ready · \(loaded.info)"
         } catch {

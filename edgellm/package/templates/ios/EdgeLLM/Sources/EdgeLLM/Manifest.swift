@@ -41,6 +41,8 @@ public struct Manifest: Codable, Sendable {
     public let runtime: Runtime
     public let chat: Chat
     public let system_state: SystemState?
+    /// Core ML: the tokens that end an answer (the model's end-of-generation ids).
+    public let stop_ids: [Int]?
 
     static func load(from bundle: Bundle) throws -> Manifest {
         guard let url = bundle.url(forResource: "manifest", withExtension: "json") else {
