@@ -503,3 +503,20 @@ def test_a_tarball_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch):
     with pytest.raises(PackagingError, match="not the pinned"):
         natives.fetch(forged)
     assert not any((tmp_path / "cache").glob("*/.edgellm-verified"))
+
+
+def test_cli_package_help_and_exit_codes(tmp_path):
+    from click.testing import CliRunner
+
+    from edgellm.cli import cli, main
+
+    help_text = CliRunner().invoke(cli, ["package", "--help"]).output
+    assert "android" in help_text and "ios" in help_text
+    assert "--apk" in CliRunner().invoke(cli, ["package", "android", "--help"]).output
+    (tmp_path / "out").mkdir()
+    for argv, code in ((["package", "android", "smollm2-135m", "-o", str(tmp_path / "out")], 2),
+                       (["package", "android", "smollm2-135m", "-o", str(tmp_path / "new"), "--backend", "onnx"], 5),
+                       (["package", "ios", "smollm2-135m", "-o", str(tmp_path / "new"), "--phone", "tiny"], 2)):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == code, argv
