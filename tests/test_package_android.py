@@ -520,3 +520,51 @@ def test_cli_package_help_and_exit_codes(tmp_path):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == code, argv
+
+
+# the Android framework's class hierarchy (API 24+), no behaviour: what a JVM verifier needs to check the
+# app's translated classes (values passed where their declared types say, register types at merges)
+ANDROID_HIERARCHY = {
+    "android.content.Context": "public abstract class Context {}",
+    "android.app.Activity": "public class Activity extends android.content.Context {}",
+    "android.os.Bundle": "public final class Bundle {}",
+    "android.view.View": "public class View { public interface OnClickListener {} }",
+    "android.view.ViewGroup": "public abstract class ViewGroup extends android.view.View {"
+                              " public static class LayoutParams {} }",
+    "android.widget.LinearLayout": "public class LinearLayout extends android.view.ViewGroup {"
+                                   " public static class LayoutParams extends android.view.ViewGroup.LayoutParams {} }",
+    "android.widget.ScrollView": "public class ScrollView extends android.view.ViewGroup {}",
+    "android.widget.TextView": "public class TextView extends android.view.View {}",
+    "android.widget.EditText": "public class EditText extends android.widget.TextView {}",
+    "android.widget.Button": "public class Button extends android.widget.TextView {}",
+    "android.text.Editable": "public interface Editable extends CharSequence {}",
+    "android.content.res.AssetManager": "public final class AssetManager {}",
+    "org.json.JSONObject": "public class JSONObject {}",
+    "org.json.JSONArray": "public class JSONArray {}",
+}
+
+
+@pytest.mark.slow
+@needs_tools
+def test_apk_classes_pass_a_bytecode_verifier(apk, tmp_path):
+    """ChatActivity, Worker and Ui (hand-written smali) translated to JVM bytecode and verified against the
+    framework's class hierarchy: a register type error fails here instead of on a phone."""
+    if shutil.which("enjarify") is None or shutil.which("javac") is None:
+        pytest.skip("enjarify / javac missing (run .ci/setup.sh)")
+    dex = _apk_member(apk, "classes.dex", tmp_path / "classes.dex")
+    env = {**os.environ, "PYTHON": "/usr/bin/python3"} if Path("/usr/bin/python3").exists() else None
+    subprocess.run(["enjarify", "-f", str(dex), "-o", str(tmp_path / "app.jar")], check=True, env=env,
+                   capture_output=True)
+    sources = []
+    for qualified, body in ANDROID_HIERARCHY.items():
+        pkg, _, name = qualified.rpartition(".")
+        path = tmp_path / "stubs-src" / pkg.replace(".", "/") / f"{name}.java"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"package {pkg};\n{body}\n")
+        sources.append(str(path))
+    sources.append(str(Path(__file__).parent / "fixtures" / "android" / "Verify.java"))
+    subprocess.run(["javac", "-d", str(tmp_path / "stubs"), *sources], check=True, capture_output=True)
+    run = subprocess.run(["java", "-Xverify:all", "-cp", f"{tmp_path / 'app.jar'}:{tmp_path / 'stubs'}", "Verify",
+                          str(tmp_path / "app.jar")], check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "verified=3" in run.stdout
