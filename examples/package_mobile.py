@@ -27,8 +27,9 @@ def main() -> None:
         convert_to_onnx("smollm2-135m", onnx)
     android = package_android(onnx, out / "android", apk=True, system=SYSTEM, force=True)
     apk = android.apk
-    print(f"Android: {android.out} — APK {apk.bytes / 2**20:.1f} MiB (model + {(apk.bytes - apk.model_bytes) / 2**20:.1f}"
-          f" MiB), built in {apk.seconds:.1f} s; provider {android.manifest['runtime']['provider']}")
+    extra = (apk.bytes - apk.model_bytes) / 2**20
+    print(f"Android: {android.out} — APK {apk.bytes / 2**20:.1f} MiB (model + {extra:.1f} MiB), built in "
+          f"{apk.seconds:.1f} s; provider {android.manifest['runtime']['provider']}")
     for w in android.warnings:
         print("  warning:", w)
     ios = package_ios("smollm2-135m", out / "ios", system=SYSTEM, force=True)
