@@ -46,6 +46,10 @@ def prepare(model: str | os.PathLike | None, backend: str | None, *, system: str
     kind = ref.kind
     backends = ("onnx", "llama.cpp") if target == "android" else ("coreml", "llama.cpp")
     chosen = (backend or BACKEND_OF.get(kind, "")).lower()
+    if not chosen:
+        fmt = "onnx" if target == "android" else "coreml"
+        raise UnsupportedModelError(f"{ref.path} is a {kind} model: convert it first (edgellm convert MODEL "
+                                    f"--format {fmt}, or to GGUF for llama.cpp)")
     if chosen not in backends:
         raise UsageError(f"--backend {backend!r} is not available for {target}: choose {' or '.join(backends)}")
     if FORMAT_OF[chosen] != kind:
