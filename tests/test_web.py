@@ -354,7 +354,7 @@ def test_stop_cancels_on_the_server_and_frees_the_slot(browser, base):
 
 
 @pytest.mark.slow
-def test_conversations_keep_separate_histories_and_survive_reload(browser, base, tmp_path):
+def test_conversations_keep_separate_histories_and_survive_reload(browser, base):
     with open_page(browser, base) as (page, watch):
         send(page, "My name is Ann.")
         page.click("#new-chat")
@@ -538,6 +538,7 @@ def test_chat_web_serves_the_page_and_opens_the_browser(default_model_path, tmp_
         assert proc.wait(60) == 0
         err = proc.stderr.read()
         assert f"chat page: {url}  (opened in your browser)" in err and "Ctrl-C to stop" in err
+        assert "Traceback" not in err and "Error" not in err
     finally:
         if proc.poll() is None:
             proc.kill()
