@@ -65,6 +65,8 @@ class OnnxExport:
     bits: dict[str, int] = field(default_factory=dict)   # unit tag -> bits (fused, quantized)
     sensitivity: str | None = None                       # what ranked the units: 'fisher' | 'imatrix'
     rounding: str | None = None                          # how int4 blocks were rounded: 'gptq' | 'imatrix' | 'plain'
+    transcoded: dict[str, list[str]] = field(default_factory=dict)  # unit -> GGUF types carried over as they are
+    rerounded: dict[str, str] = field(default_factory=dict)          # unit -> why it was re-rounded instead
 
     def to_dict(self) -> dict:
         return {**asdict(self), "bits_per_weight": round(8 * self.bytes / max(self.n_params, 1), 3)}
@@ -110,13 +112,14 @@ def export_onnx(ckpt: Checkpoint, dest: str | Path, *, flavour: str = "fused", q
                       "gptq" if calib and calib.gram else "imatrix" if calib else "plain")
 
 
-def write_onnx_dir(ckpt: Checkpoint, model, dest: Path, flavour: str, quant: str) -> None:
-    """The graph, its weights, the tokenizer and edgellm_onnx.json, renamed into place when complete."""
+def write_onnx_dir(ckpt: Checkpoint, model, dest: Path, flavour: str, quant: str, extra: dict | None = None) -> None:
+    """The graph, its weights, the tokenizer and edgellm_onnx.json (plus `extra` facts), renamed into place
+    when complete."""
     try:
         with atomic_path(dest, directory=True) as tmp:
             _save_model(model, tmp / "model.onnx")
             write_tokenizer(ckpt, tmp)
-            facts = model_facts(ckpt, flavour, quant)
+            facts = {**model_facts(ckpt, flavour, quant), **(extra or {})}
             (tmp / CONFIG_FILE).write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
             write_genai_config(tmp, facts, num_attention_heads=ckpt.config.num_attention_heads)  # genai folder
     except OSError as e:

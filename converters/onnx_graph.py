@@ -45,6 +45,11 @@ class WeightPlan:
     importance: dict[str, np.ndarray] = field(default_factory=dict)
     accuracy_level: int = 4
     quantized: dict[str, QuantTensor] = field(default_factory=dict)  # filled while building
+    # gather the embedding from a float32 table even when it is quantized (transcoded blocks whose float
+    # zero points GatherBlockQuantized does not take); the output head keeps its blocks
+    embed_f32: bool = False
+    # or from blocks of its own (a tied table whose output head was re-rounded keeps its exact rows)
+    embed_blocks: QuantTensor | None = None
 
 
 def fused_units(config: ModelConfig) -> dict[str, list[str]]:
@@ -209,7 +214,13 @@ class _Fused(_Common):
     def embedding(self) -> str:
         g = self.g
         tag = "lm_head" if self.tied else "model.embed_tokens"
-        if tag not in self.plan.bits:
+        if self.plan.embed_blocks is not None:
+            qt = self.plan.embed_blocks
+            key = f"model.embed_tokens.gather.q{qt.bits}"
+            names = (g.const(key, qt.data), g.const(f"{key}.scales", qt.scales),
+                     g.const(f"{key}.zero_points", qt.zero_points))
+            return gather_blocks(g, qt, names)
+        if tag not in self.plan.bits or self.plan.embed_f32:
             self.embed_f32 = g.const("model.embed_tokens.weight", self.w("model.embed_tokens.weight"))
             return g.one("Gather", [self.embed_f32, "input_ids"], axis=0)
         qt, names = self.quantized(tag)  # a tied table shares lm_head's blocks

@@ -33,7 +33,7 @@ class QuantTensor:
     n: int
     data: np.ndarray          # uint8 [N, n_blocks, block*bits/8]
     scales: np.ndarray        # float32 [N, n_blocks]
-    zero_points: np.ndarray   # uint8 packed [N, ceil(n_blocks*bits/8)]
+    zero_points: np.ndarray   # uint8 packed [N, ceil(n_blocks*bits/8)], or float32 [N, n_blocks] (4-bit only)
     weighted_error: float
 
     @property
@@ -43,7 +43,8 @@ class QuantTensor:
     def dequantize(self) -> np.ndarray:
         """float32 [N, K] back from the blocks (what onnxruntime computes with)."""
         q = unpack(self.data, self.bits).astype(np.float32)
-        zp = unpack(self.zero_points, self.bits)[:, :self.scales.shape[1]].astype(np.float32)
+        zp = (self.zero_points if self.zero_points.dtype == np.float32 else  # float zero points: not packed
+              unpack(self.zero_points, self.bits)[:, :self.scales.shape[1]].astype(np.float32))
         w = (q - zp[..., None]) * self.scales[..., None]
         return w.reshape(self.n, -1)[:, :self.k]
 

@@ -21,7 +21,8 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
          threads: int | None = None, kv_type: str = "f16", flash_attn: bool | None = None,
          disk_cache: bool | str | os.PathLike[str] = True, memory_cache_mb: int = 512,
          prompt_state: str | os.PathLike[str] | None = None, sampler: SamplerConfig | None = None,
-         check_memory: bool = True, parallel: int = 1, rpc: str | Sequence[str] | None = None) -> Session:
+         check_memory: bool = True, parallel: int = 1, rpc: str | Sequence[str] | None = None,
+         optimize: bool = False, backend: str | None = None, quality: str = "balanced") -> Session:
     """Load a model (store alias, GGUF path, ONNX directory, .mlpackage; default: the embedded
     SmolLM2-135M) for generation and chat.
 
@@ -32,10 +33,23 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
     edgellm.memplan says will not fit. parallel: sequences, each with an n_ctx-token KV cache (edgellm
     serve's slots). rpc: llama.cpp RPC workers ('host:port,...' or a list) that hold the layers
     (edgellm.runtimes.rpc). kv_type, flash_attn, parallel and rpc are llama.cpp options.
+    optimize: for a GGUF file, run it the way `edgellm optimize` measured fastest on this device within the
+    `quality` bound (measuring first if no decision is stored; the plan's reasons say so). backend: pin
+    'llama.cpp' or 'onnx' instead.
     """
     ref = store.resolve(model)
     session_kw = dict(disk_cache=disk_cache, memory_cache_mb=memory_cache_mb, prompt_state=prompt_state,
                       sampler=sampler)
+    if backend not in (None, "llama.cpp", "onnx"):
+        raise UsageError(f"backend must be llama.cpp or onnx, not {backend!r}")
+    if ref.kind == "gguf" and backend != "llama.cpp" and (optimize or backend == "onnx"):
+        from .optimize import load_optimized
+
+        found = load_optimized(ref.path, quality=quality, pinned=backend, device=device, n_ctx=n_ctx,
+                               threads=threads, check_memory=check_memory, session_kw=session_kw,
+                               llama_options=dict(parallel=parallel, rpc=rpc, kv_type=kv_type, flash_attn=flash_attn))
+        if found is not None:
+            return found
     if ref.kind == "gguf":
         from .runtime_gguf import load_gguf
 

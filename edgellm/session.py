@@ -100,6 +100,7 @@ class Session:
     default_sampler: SamplerConfig = field(default_factory=SamplerConfig)
     tokens: list[int] = field(default_factory=list)  # exactly what the backend's KV cache holds
     last_stats: Stats | None = None
+    optimized: Any = None  # the edgellm.optimize Decision that chose this backend, when one did
 
     # -- text and tokens -----------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:

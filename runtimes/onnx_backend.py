@@ -405,6 +405,65 @@ class OnnxBackend:
         self._n_past = n_tokens
         self._last = None
 
+    # -- the server's engine protocol (runtimes/base.py BatchBackend) with one sequence ----------------
+    # onnxruntime's graph holds one KV cache, so `edgellm serve` on this backend takes requests one at a time
+    # (parallel 1); per-conversation KV reuse still works through saved states (seq_state / seq_restore).
+    @property
+    def n_seq(self) -> int:
+        return 1
+
+    def decode_batch(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
+                     outputs: Sequence[bool]) -> None:
+        if any(s != 0 for s in seqs) or list(positions) != list(range(self._n_past, self._n_past + len(tokens))):
+            raise BackendError("the onnxruntime backend holds one sequence: tokens must continue it in order")
+        rows = [i for i, keep in enumerate(outputs) if keep]
+        if not rows:
+            self.eval(tokens)
+            self._rows = {}
+        elif rows == [len(tokens) - 1]:
+            self.eval(tokens)
+            self._rows = {rows[0]: self._last}
+        else:
+            logits = self.eval_all_logits(tokens)
+            self._rows = {r: logits[r] for r in rows}
+
+    def _row(self, index: int) -> np.ndarray:
+        rows = getattr(self, "_rows", {})
+        if index not in rows:
+            raise UsageError(f"no logits were kept for batch row {index}")
+        return rows[index]
+
+    def argmax_at(self, index: int) -> int:
+        return int(self._row(index).argmax())
+
+    def make_sampler(self, config: SamplerConfig, history: Sequence[int] = ()) -> NumpySampler:
+        return NumpySampler(config, history)
+
+    def free_sampler(self, chain: object) -> None:
+        pass
+
+    def sample_at(self, chain: NumpySampler, index: int) -> int:
+        return chain.sample(self._row(index))
+
+    def _only(self, seq: int) -> None:
+        if seq != 0:
+            raise BackendError(f"the onnxruntime backend holds one sequence, not sequence {seq}")
+
+    def seq_state(self, seq: int) -> bytes:
+        self._only(seq)
+        return self.save_state()
+
+    def seq_remove(self, seq: int, start: int = 0) -> None:
+        self._only(seq)
+        self.truncate(min(start, self._n_past))
+
+    def seq_restore(self, seq: int, data: bytes, n_tokens: int | None = None) -> None:
+        self._only(seq)
+        if n_tokens is None:
+            _, heads, _, dim = self._kv_shape
+            n_tokens = len(data) // (len(self._past) * heads * dim * 4)
+        self.load_state(data, n_tokens)
+
     def close(self) -> None:
         self._kv, self._arrays = [], []
         self.session = None

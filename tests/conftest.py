@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("EDGELLM_THREADS", "2")
+# chat/run/serve measure the fastest backend on first use; tests run the model they name unless they opt in
+os.environ.setdefault("EDGELLM_OPTIMIZE", "0")
 
 # session-scoped fixtures shared by several test files: the Raspberry Pi bundle, the pruning teacher
 pytest_plugins = ["deploy_fixtures", "prune_fixtures"]

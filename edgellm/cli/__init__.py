@@ -10,7 +10,7 @@ import click
 from ..errors import EdgeLLMError
 
 VERBS = ["pull", "models", "inspect", "devices", "convert", "eval", "run", "chat", "cache_prompt", "bench", "deploy",
-         "plan", "serve", "rpc_worker", "prune", "distill", "package"]
+         "plan", "serve", "rpc_worker", "prune", "distill", "package", "optimize"]
 
 
 class LazyGroup(click.Group):

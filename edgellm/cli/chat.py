@@ -6,7 +6,15 @@ import sys
 import click
 from rich.markup import escape
 
-from .options import load_kwargs, model_options, sampling_kwargs, sampling_options
+from .options import (
+    announce_optimize,
+    load_kwargs,
+    model_options,
+    optimize_kwargs,
+    optimize_options,
+    sampling_kwargs,
+    sampling_options,
+)
 from .output import err, out
 
 HELP = """commands: /reset (forget history), /save FILE, /load FILE, /stats, /help, /exit
@@ -25,6 +33,7 @@ multi-line input: end a line with \\ to continue it, or wrap a block in triple q
               help="With --web: the port (the page keeps conversations per address, so keep it fixed; 0 = any free).")
 @click.option("--no-browser", is_flag=True, help="With --web: print the page's address, do not open a browser.")
 @model_options
+@optimize_options
 @sampling_options
 def command(model: str | None, system: str | None, prompt_state: str | None, truncate: bool, web: bool, port: int,
             no_browser: bool, **kw) -> None:
@@ -47,7 +56,8 @@ def command(model: str | None, system: str | None, prompt_state: str | None, tru
     import edgellm
     from edgellm.errors import EdgeLLMError
 
-    lk, sk = load_kwargs(kw), sampling_kwargs(kw)
+    lk, sk = {**load_kwargs(kw), **optimize_kwargs(kw)}, sampling_kwargs(kw)
+    announce_optimize(model, lk)
     if web:
         return _web(model, system, prompt_state, truncate, port, not no_browser, lk, sk)
     with err.status("loading model …") if err.is_terminal else _null():
@@ -58,6 +68,8 @@ def command(model: str | None, system: str | None, prompt_state: str | None, tru
     if interactive:
         err.print(f"[dim]{llm.model_path.name} · {llm.plan.backend} on {llm.plan.device}, {llm.plan.threads} threads · "
                   f"/help for commands[/dim]")
+        if llm.optimized is not None:
+            err.print(f"[dim]{escape(llm.optimized.reason())}[/dim]")
     last = None
     while True:
         text = _read(interactive)

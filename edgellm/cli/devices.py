@@ -35,9 +35,10 @@ def command(model: str | None, n_ctx: int, as_json: bool) -> None:
     if artifact.format == "onnx":  # what onnxruntime really has, not what the plan hoped for
         from ..runtime_onnx import apply_providers
         plan = apply_providers(plan, "auto", [f"{p}ExecutionProvider" for p in ort.get("providers", [])])[0]
+    decision = _decision(model, store)
     if as_json:
         emit_json({"device": profile.to_dict(), "llama_cpp": build, "onnxruntime": ort, "model": name,
-                   "plan": plan.to_dict()})
+                   "plan": plan.to_dict(), "optimized": decision.to_dict() if decision else None})
         return
     p = profile
     rows = [
@@ -61,6 +62,26 @@ def command(model: str | None, n_ctx: int, as_json: bool) -> None:
         out.print(f"  - {r}")
     for w in plan.warnings:
         out.print(f"  [yellow]! {w}[/yellow]")
+    if decision is not None:
+        out.print(f"\n[bold]Optimized[/bold] (chat, run and serve --parallel 1 use it): {decision.winner} — "
+                  f"{decision.reason()}")
+        for c in decision.candidates:
+            figures = (f"decode {c.decode_tps} tok/s, prefill {c.prefill_tps} tok/s, TTFT {c.ttft_s} s"
+                       if c.decode_tps else c.excluded or "not timed")
+            out.print(f"  - {c.name}: {c.size_bytes / 1e6:.1f} MB, KLD {c.mean_kld}, {figures}")
+
+
+def _decision(model, store):
+    """The stored `edgellm optimize` decision for a GGUF model on this device, if any (never measures)."""
+    from ..errors import EdgeLLMError
+    from ..optimize import cached
+
+    try:
+        if model is None and not store.is_pulled(store.DEFAULT_ALIAS):
+            return None
+        return cached(model) or cached(model, "lossless")
+    except EdgeLLMError:
+        return None
 
 
 def _artifact(model, n_ctx, store):

@@ -40,6 +40,46 @@ def model_options(f: F) -> F:
     return f
 
 
+def optimize_options(f: F) -> F:
+    """--backend / --quality / --no-optimize: run a GGUF the way `edgellm optimize` measured fastest."""
+    for opt in reversed([
+        click.option("--backend", type=click.Choice(["auto", "llama.cpp", "onnx"]), default="auto", show_default=True,
+                     help="auto: the backend `edgellm optimize` measured fastest here (measured on first use); "
+                          "or pin one."),
+        click.option("--quality", type=click.Choice(["balanced", "lossless"]), default="balanced", show_default=True,
+                     help="How close to the source file an optimized form must stay (mean KLD ≤ 0.05 / 0.005)."),
+        click.option("--no-optimize", is_flag=True,
+                     help="Run the model as given (also EDGELLM_OPTIMIZE=0)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def optimize_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    from ..optimize import wanted
+
+    backend, quality, off = kw.pop("backend"), kw.pop("quality"), kw.pop("no_optimize")
+    return {"optimize": backend == "auto" and not off and wanted(), "quality": quality,
+            "backend": None if backend == "auto" else backend}
+
+
+def announce_optimize(model: str | None, lk: dict[str, Any]) -> None:
+    """Say so before a first use measures (a minute or so, once per model, device and library versions)."""
+    if not lk.get("optimize"):
+        return
+    from ..errors import EdgeLLMError
+    from ..optimize import cached, onnx_available
+    from .output import err
+
+    try:
+        first = onnx_available() and cached(model, lk["quality"]) is None
+    except EdgeLLMError:
+        return  # load() reports it
+    if first:
+        err.print("[dim]measuring the fastest way to run this model on this device (once; --no-optimize or "
+                  "EDGELLM_OPTIMIZE=0 skips) …[/dim]")
+
+
 def sampling_options(f: F) -> F:
     for opt in reversed([
         click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
@@ -85,18 +125,20 @@ def distill_options(f):
                      help="Tokens the teacher generates for sequence-level KD when no --text is given."),
         click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Where the resumable state lives [default: one per student/teacher/data in EDGELLM_HOME]."),
+        click.option("--device", default="auto", show_default=True,
+                     help="Where to train: auto (a CUDA GPU in bf16 when torch sees one, else the CPU), cpu, cuda:N."),
     ]):
         f = opt(f)
     return f
 
 
-def distill_config(minutes, train_tokens, loss, temperature, lr, threads):
+def distill_config(minutes, train_tokens, loss, temperature, lr, threads, device: str = "auto"):
     from edgellm.converters.distill import DistillConfig
 
     if minutes is None and train_tokens is None:
         minutes = 45.0
     return DistillConfig(minutes=minutes, tokens=train_tokens, loss=loss, temperature=temperature, lr=lr,
-                         threads=threads)
+                         threads=threads, device=device)
 
 
 def shrink_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -125,13 +167,13 @@ def shrink_plan(source: str, opts: dict[str, Any], threads: int | None):
     prune_to, do_distill = opts.pop("prune_to"), opts.pop("do_distill")
     align, axes, teacher = opts.pop("align"), opts.pop("axes"), opts.pop("teacher")
     dist = {k: opts.pop(k) for k in ("minutes", "train_tokens", "text_file", "loss", "temperature", "lr", "top_k",
-                                     "gen_tokens", "work_dir")}
+                                     "gen_tokens", "work_dir", "device")}
     if opts:  # pragma: no cover - every option above is consumed
         raise UsageError(f"unexpected options {sorted(opts)}")
     cfg = None
     if do_distill:
         cfg = distill_config(dist["minutes"], dist["train_tokens"], dist["loss"], dist["temperature"], dist["lr"],
-                             threads)
+                             threads, dist["device"])
         cfg.check()
     return ShrinkPlan(prune_to=prune_to, align=align, axes=tuple(a.strip() for a in axes.split(",") if a.strip()),
                       distill=cfg, teacher=teacher, work_dir=dist["work_dir"], top_k=dist["top_k"],

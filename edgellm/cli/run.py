@@ -5,7 +5,15 @@ import sys
 
 import click
 
-from .options import load_kwargs, model_options, sampling_kwargs, sampling_options
+from .options import (
+    announce_optimize,
+    load_kwargs,
+    model_options,
+    optimize_kwargs,
+    optimize_options,
+    sampling_kwargs,
+    sampling_options,
+)
 from .output import emit_json, err
 
 
@@ -18,6 +26,7 @@ from .output import emit_json, err
 @click.option("--json", "as_json", is_flag=True, help="Print text and statistics as JSON instead of streaming.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print TTFT and tok/s on stderr.")
 @model_options
+@optimize_options
 @sampling_options
 def command(args: tuple[str, ...], system: str | None, raw: bool, prompt_state: str | None, as_json: bool,
             show_stats: bool, **kw) -> None:
@@ -44,7 +53,8 @@ def command(args: tuple[str, ...], system: str | None, raw: bool, prompt_state: 
         prompt = decode_text(data, "prompt on stdin")
     if not prompt.strip():
         raise edgellm.errors.UsageError("the prompt is empty")
-    lk, sk = load_kwargs(kw), sampling_kwargs(kw)
+    lk, sk = {**load_kwargs(kw), **optimize_kwargs(kw)}, sampling_kwargs(kw)
+    announce_optimize(model, lk)
     with edgellm.load(model, prompt_state=prompt_state, **lk) as llm:
         if raw:
             stream = llm.stream(prompt, **sk)

@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .options import model_options
+from .options import announce_optimize, model_options, optimize_kwargs, optimize_options
 from .output import err
 
 
@@ -46,6 +46,7 @@ from .output import err
 @click.option("--header-timeout", "header_timeout_s", type=float, default=10, show_default=True,
               help="Seconds a connection may take to send a request's headers before it is closed.")
 @model_options
+@optimize_options
 def command(model: str | None, host: str, port: int, api_key: str | None, parallel: int, batch: bool, max_queue: int,
             timeout_s: float, default_max_tokens: int, drain_s: float, rpc: str | None, system: str | None,
             prompt_state: str | None, temperature: float, max_body: str, max_connections: int,
@@ -84,9 +85,16 @@ def command(model: str | None, host: str, port: int, api_key: str | None, parall
         raise UsageError("--max-connections must be ≥ --parallel, --header-timeout > 0 and --drain ≥ 0")
     body_bytes = parse_bytes(max_body, "--max-body")
     key = api_key or os.environ.get("EDGELLM_API_KEY") or None
-    lk = load_kwargs(kw)
+    lk = {**load_kwargs(kw), **optimize_kwargs(kw)}
     lk["disk_cache"] = False  # the server keeps states in memory; per-request disk writes would stall decoding
+    if lk["backend"] == "onnx" and parallel > 1:
+        err.print("edgellm serve: the onnx backend runs one sequence: requests are served one at a time (--parallel 1)")
+        parallel = 1
+    # with several slots only llama.cpp can batch them: the optimized choice applies with --parallel 1
+    if parallel == 1:
+        announce_optimize(model, lk)
     session = edgellm.load(model, parallel=parallel, rpc=rpc, sampler=SamplerConfig(temperature=temperature), **lk)
+    parallel = min(parallel, getattr(session.backend, "n_seq", parallel))
     model_id = model_name(model, session.model_path)
     config = ServeConfig(model_id=model_id, parallel=parallel, batch=batch, max_queue=max_queue, timeout_s=timeout_s,
                          default_max_tokens=default_max_tokens, api_key=key, drain_s=drain_s, system=system,
@@ -94,7 +102,8 @@ def command(model: str | None, host: str, port: int, api_key: str | None, parall
                          header_timeout_s=header_timeout_s)
     server = EdgeServer(session, config, host=host, port=port)
     pinned = server.system_tokens
-    err.print(f"edgellm serve: {model_id} on http://{host}:{port}/v1  ({parallel} slots of {session.n_ctx} "
+    err.print(f"edgellm serve: {model_id} on http://{host}:{port}/v1  ({session.plan.backend}, {parallel} slot"
+              f"{'s' if parallel > 1 else ''} of {session.n_ctx} "
               f"tokens, {'--batch' if batch else '--exact'}, queue {max_queue}, timeout {timeout_s:g} s, "
               f"API key {'required' if key else 'off'}{', RPC ' + rpc if rpc else ''}"
               f"{f', system prompt of {pinned} tokens cached' if pinned else ''}) — Ctrl-C to stop")

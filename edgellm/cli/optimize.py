@@ -1,0 +1,48 @@
+"""edgellm optimize: measure the fastest way to run a model on this device within a quality bound."""
+from __future__ import annotations
+
+import click
+
+from .options import threads_option
+from .output import emit_json, err, out
+
+
+@click.command("optimize")
+@click.argument("model", required=False)
+@click.option("--quality", type=click.Choice(["balanced", "lossless"]), default="balanced", show_default=True,
+              help="balanced: mean KLD to the source ≤ 0.05 on held-out text; lossless: ≤ 0.005.")
+@click.option("--force", is_flag=True, help="Measure again even if a decision for this device is stored.")
+@threads_option("CPU threads [default: the device's performance cores, or EDGELLM_THREADS].")
+@click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
+def command(model: str | None, quality: str, force: bool, threads: int | None, as_json: bool) -> None:
+    """Build the ways MODEL (a GGUF; default: the embedded SmolLM2-135M) can run here — the file on
+    llama.cpp, its blocks carried into a fused ONNX graph without re-rounding, and (balanced) edgellm's
+    calibrated int4 ONNX export — keep those whose KL divergence to the source on held-out text is within the
+    bound, time decode, prefill and time to first token on this device, and store the winner. `chat`, `run`
+    and `serve` then use it (--backend pins one; --no-optimize or EDGELLM_OPTIMIZE=0 skips it).
+
+    \b
+    Examples:
+      edgellm optimize                          # the embedded model, balanced
+      edgellm optimize model.gguf --quality lossless --json
+    """
+    from edgellm.optimize import optimize
+
+    say = (lambda m: err.print(f"[dim]{m}[/dim]")) if err.is_terminal and not as_json else None
+    decision = optimize(model, quality=quality, threads=threads, force=force, progress=say)
+    if as_json:
+        emit_json(decision.to_dict())
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{decision.source} — quality {decision.quality} (KLD ≤ {decision.kld_bound})")
+    for col in ("candidate", "size", "KLD to source", "decode tok/s", "prefill tok/s", "TTFT", "status"):
+        table.add_column(col, justify="left" if col in ("candidate", "status") else "right")
+    for c in decision.candidates:
+        table.add_row(c.name, f"{c.size_bytes / 1e6:.1f} MB", "—" if c.mean_kld is None else f"{c.mean_kld:.4f}",
+                      "—" if c.decode_tps is None else f"{c.decode_tps:.1f}",
+                      "—" if c.prefill_tps is None else f"{c.prefill_tps:.1f}",
+                      "—" if c.ttft_s is None else f"{1000 * c.ttft_s:.0f} ms",
+                      "[bold]chosen[/bold]" if c.name == decision.winner else (c.excluded or ""))
+    out.print(table)
+    err.print(f"[dim]{decision.reason()}; stored for this device and library versions ({decision.seconds:.0f} s)[/dim]")

@@ -1,0 +1,300 @@
+"""`edgellm optimize`: measure which way of running a model is fastest on *this* device, within a quality
+bound, and remember the answer.
+
+No peer does this: llama.cpp, Ollama, MLC and onnxruntime-genai all run what they are given. Here the
+candidates for a GGUF file are the file itself on llama.cpp and its blocks carried into a fused ONNX graph
+without re-rounding (converters/gguf_onnx.py: 'lossless'), plus, for the 'balanced' bound, edgellm's
+calibrated int4 ONNX export. Each candidate's quality is measured as mean KL divergence to the source file
+(run by llama.cpp, as the user had it) on the shipped held-out text; those within the bound are timed on
+this device — decode, prefill and time to first token, a few seconds each, one candidate loaded at a time
+— and the fastest decoder wins. The decision and its figures are kept in the store, keyed by the model's
+content fingerprint, the device profile and the library versions: a later `edgellm chat` pays nothing, and
+an upgrade or another device measures again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import store
+from .errors import BackendError, UsageError
+
+QUALITY = {"lossless": 0.005, "balanced": 0.05}   # bound on mean KLD to the source file, held-out text
+DEFAULT_QUALITY = "balanced"
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Candidate:
+    name: str                    # 'llama.cpp' | 'onnx-lossless' | 'onnx-int4'
+    backend: str                 # 'llama.cpp' | 'onnxruntime'
+    path: str
+    size_bytes: int = 0
+    mean_kld: float | None = None
+    decode_tps: float | None = None
+    prefill_tps: float | None = None
+    ttft_s: float | None = None
+    excluded: str | None = None  # why it is not eligible (over the bound, could not be built)
+
+
+@dataclass
+class Decision:
+    source: str
+    fingerprint: str
+    quality: str
+    kld_bound: float
+    device: str
+    versions: dict[str, str]
+    candidates: list[Candidate]
+    winner: str
+    seconds: float
+    measured_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    load: float = 0.0   # the 1-minute load average per CPU while measuring: above ~0.5 the figures are shaky
+
+    @property
+    def chosen(self) -> Candidate:
+        return next(c for c in self.candidates if c.name == self.winner)
+
+    def reason(self) -> str:
+        """One line for plans and banners: what won, by how much, measured how."""
+        win = self.chosen
+        others = [c for c in self.candidates if c.name != win.name and c.decode_tps]
+        vs = ", ".join(f"{c.name} {c.decode_tps:.0f} tok/s" for c in others) or "no other candidate within the bound"
+        busy = f", CPUs busy (load {self.load:.1f}/CPU)" if self.load > 0.5 else ""
+        return (f"measured on this device ({self.measured_at}{busy}): {win.name} decodes {win.decode_tps:.0f} tok/s "
+                f"(prefill {win.prefill_tps:.0f} tok/s, TTFT {1000 * win.ttft_s:.0f} ms) vs {vs}; "
+                f"quality {self.quality} (KLD to the source ≤ {self.kld_bound})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "reason": self.reason()}
+
+
+def versions() -> dict[str, str]:
+    """What changes speed or numerics: edgellm, llama-cpp-python, onnxruntime (absent: not installed)."""
+    from importlib import metadata
+
+    out = {}
+    for dist in ("edgellm", "llama_cpp_python", "onnxruntime"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def device_key() -> str:
+    """The device as far as speed goes: CPU model and features, cores, RAM to the GiB, OS and arch."""
+    from .device import probe
+
+    p = probe()
+    return (f"{p.os}/{p.arch} {p.cpu_model} | {','.join(sorted(p.features))} | {p.logical_cores} logical, "
+            f"{p.performance_cores} performance | {p.ram_bytes >> 30} GiB | {platform.python_version()}")
+
+
+def onnx_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "tokenizers"))
+
+
+def _fingerprint(path: Path) -> str:
+    from .fingerprint import gguf_fingerprint
+    from .gguf_check import validate_gguf
+
+    return gguf_fingerprint(path, validate_gguf(path).data_offset)
+
+
+def _work_dir(fingerprint: str, quality: str) -> Path:
+    return store.home() / "optimized" / f"{fingerprint[:16]}-{quality}"
+
+
+def cached(model: str | os.PathLike[str] | None, quality: str = DEFAULT_QUALITY) -> Decision | None:
+    """The stored decision for `model` if it was measured for this content, device and library versions
+    (and its artifacts are still there); None otherwise."""
+    ref = store.resolve(model)
+    if ref.kind != "gguf":
+        return None
+    fp = _fingerprint(ref.path)
+    return _read(_work_dir(fp, quality) / "decision.json", fp, quality)
+
+
+def _read(path: Path, fingerprint: str, quality: str) -> Decision | None:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw.pop("reason", None)
+        raw["candidates"] = [Candidate(**c) for c in raw["candidates"]]
+        d = Decision(**raw)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if (d.fingerprint, d.quality, d.device, d.versions) != (fingerprint, quality, device_key(), versions()):
+        return None   # another model, bound, device or library version: measure again
+    if not Path(d.chosen.path).exists():
+        return None
+    return d
+
+
+def optimize(model: str | os.PathLike[str] | None = None, *, quality: str = DEFAULT_QUALITY,
+             threads: int | None = None, force: bool = False, progress: Progress | None = None) -> Decision:
+    """Build the candidates for `model` (a GGUF), keep those within the quality bound, time them here, and
+    store the decision (see the module doc). A stored decision for the same content, device and versions is
+    returned at once unless `force`."""
+    if quality not in QUALITY:
+        raise UsageError(f"--quality must be one of {', '.join(QUALITY)}, not {quality!r}")
+    if not onnx_available():
+        raise BackendError("edgellm optimize compares llama.cpp with onnxruntime: install the onnx extra "
+                           "(pip install 'edgellm[onnx]')")
+    ref = store.resolve(model)
+    if ref.kind != "gguf":
+        raise UsageError(f"{ref.path} is a {ref.kind} model: optimize starts from a GGUF file")
+    say = progress or (lambda _m: None)
+    t0 = time.perf_counter()
+    fp = _fingerprint(ref.path)
+    work = _work_dir(fp, quality)
+    if not force and (hit := _read(work / "decision.json", fp, quality)) is not None:
+        return hit
+    work.mkdir(parents=True, exist_ok=True)
+    cands = _build(ref.path, work, quality, say)
+    bound = QUALITY[quality]
+    for c in cands:
+        if c.excluded is None and c.backend != "llama.cpp":
+            say(f"quality of {c.name}: KL divergence to the source on held-out text")
+            c.mean_kld = _kld(c.path, ref.path, threads)
+            if c.mean_kld > bound:
+                c.excluded = f"mean KLD {c.mean_kld:.4f} to the source is over the {quality} bound {bound}"
+        elif c.backend == "llama.cpp":
+            c.mean_kld = 0.0
+    for c in cands:
+        if c.excluded is None:
+            say(f"timing {c.name} on this device")
+            c.decode_tps, c.prefill_tps, c.ttft_s = _time(c.path, threads)
+    eligible = [c for c in cands if c.excluded is None and c.decode_tps]
+    winner = max(eligible, key=lambda c: (c.decode_tps, c.prefill_tps or 0.0))
+    decision = Decision(str(ref.path), fp, quality, bound, device_key(), versions(), cands, winner.name,
+                        round(time.perf_counter() - t0, 1), load=_busy())
+    if decision.load > 0.5:
+        say(f"note: the CPUs were busy while measuring (load {decision.load:.1f} per CPU): re-run "
+            "`edgellm optimize --force` on an idle machine for a sounder choice")
+    from .atomic import write_atomic
+
+    write_atomic(work / "decision.json", json.dumps(decision.to_dict(), indent=1).encode())
+    return decision
+
+
+def _busy() -> float:
+    try:
+        return round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
+    except OSError:
+        return 0.0
+
+
+def _build(gguf: Path, work: Path, quality: str, say: Progress) -> list[Candidate]:
+    from .converters.gguf_onnx import transcode
+
+    cands = [Candidate("llama.cpp", "llama.cpp", str(gguf), gguf.stat().st_size)]
+    lossless = work / "onnx-lossless"
+    c = Candidate("onnx-lossless", "onnxruntime", str(lossless))
+    if not (lossless / "model.onnx").is_file():
+        say("building the transcoded ONNX graph (GGUF blocks carried over, no re-rounding)")
+        try:
+            transcode(gguf, lossless, mode="lossless")
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot be built is reported, not fatal
+            c.excluded = str(e)
+    cands.append(c)
+    if quality == "balanced":
+        int4 = work / "onnx-int4"
+        c = Candidate("onnx-int4", "onnxruntime", str(int4))
+        if not (int4 / "model.onnx").is_file():
+            say("building the calibrated int4 ONNX graph (GPTQ 4-bit blocks of 64)")
+            try:
+                from .converters.onnx_export import convert_to_onnx
+
+                convert_to_onnx(str(gguf), int4, quant="int4")
+            except Exception as e:  # noqa: BLE001
+                c.excluded = str(e)
+        cands.append(c)
+    for c in cands:
+        p = Path(c.path)
+        c.size_bytes = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.glob("model.onnx*"))
+    return cands
+
+
+def _kld(candidate: str, source: Path, threads: int | None) -> float:
+    from .converters.evaluate import evaluate
+    from .texts import heldout_text
+
+    return round(evaluate(candidate, source, heldout_text(), ctx=512, threads=threads, max_chunks=2).mean_kld, 6)
+
+
+DECODE_TOKENS, PREFILL_TOKENS = 96, 256
+
+
+def _time(path: str, threads: int | None) -> tuple[float, float, float]:
+    """(decode tok/s, prefill tok/s, TTFT s) of a short chat, each the best of two tries."""
+    from . import GREEDY, load
+    from .texts import heldout_text
+
+    with load(path, n_ctx=1024, threads=threads, disk_cache=False, sampler=GREEDY) as s:
+        passage = s.detokenize(s.tokenize(heldout_text())[:PREFILL_TOKENS])
+        question = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+        decode, prefill, ttft = 0.0, 0.0, float("inf")
+        for _ in range(2):
+            s.reset()
+            s.memory_cache = type(s.memory_cache)(0)   # every try cold: nothing reused
+            done = s.chat(question, max_tokens=DECODE_TOKENS).stats
+            decode = max(decode, done.decode_tps)
+            ttft = min(ttft, done.ttft_s)
+            s.reset()
+            t0 = time.perf_counter()
+            s.prefill(s.tokenize(passage))
+            prefill = max(prefill, len(s.tokens) / (time.perf_counter() - t0))
+    return round(decode, 1), round(prefill, 1), round(ttft, 4)
+
+
+def load_optimized(path: Path, *, quality: str, pinned: str | None, device: str, n_ctx: int, threads: int | None,
+                   check_memory: bool, session_kw: dict, llama_options: dict):
+    """The Session edgellm.load(optimize=True / backend='onnx') opens, or None to load the GGUF as usual.
+
+    llama.cpp-only options (several sequences, RPC workers, a KV type, flash attention) keep the model on
+    llama.cpp, which alone has them; so does a missing onnx extra (unless onnx was pinned)."""
+    import dataclasses
+
+    from .runtime_gguf import load_gguf
+    from .runtime_onnx import load_onnx
+
+    special = [k for k, v in llama_options.items() if v not in (1, None, "f16", False)]
+    if pinned != "onnx" and (special or not onnx_available()):
+        return None
+    if special:
+        raise UsageError(f"{', '.join(special)}: llama.cpp options; the onnx backend runs one sequence with the "
+                         "graph's own KV cache")
+    decision = optimize(path, quality=quality, threads=threads)
+    chosen = decision.chosen
+    if pinned == "onnx" and chosen.backend != "onnxruntime":
+        onnx = [c for c in decision.candidates if c.backend == "onnxruntime" and c.excluded is None]
+        if not onnx:
+            raise BackendError(f"no ONNX form of {path.name} is within the {quality} bound: "
+                               + "; ".join(f"{c.name}: {c.excluded}" for c in decision.candidates if c.excluded))
+        chosen = max(onnx, key=lambda c: c.decode_tps or 0.0)
+    why = decision.reason() if chosen.name == decision.winner else f"pinned: {chosen.name} ({decision.reason()})"
+    if chosen.backend == "onnxruntime":
+        session = load_onnx(Path(chosen.path), device=device, n_ctx=n_ctx, threads=threads,
+                            check_memory=check_memory, session_kw=session_kw)
+    else:
+        session = load_gguf(path, device=device, n_ctx=n_ctx, threads=threads, check_memory=check_memory,
+                            session_kw=session_kw)
+    session.plan = dataclasses.replace(session.plan, reasons=(why, *session.plan.reasons))
+    session.optimized = decision
+    return session
+
+
+def wanted(flag: bool | None = None) -> bool:
+    """Whether the CLI's chat, run and serve optimize: on unless --no-optimize or EDGELLM_OPTIMIZE=0."""
+    if flag is not None:
+        return flag
+    return os.environ.get("EDGELLM_OPTIMIZE", "1").strip().lower() not in ("0", "off", "false", "no")
