@@ -130,7 +130,8 @@ def export_coreml(ckpt: Checkpoint, dest: str | Path, *, quant: str = DEFAULT_QU
     prog = build_program(c, weight, ctx, quantized, progress=_stage(progress, "graph"))
     mlmodel = convert_program(ct, prog, ctx)
     if quant == "palette4":
-        mlmodel, rounding = coremltools_palette4(mlmodel), "kmeans"
+        with _quiet():
+            mlmodel, rounding = coremltools_palette4(mlmodel), "kmeans"
     stages["convert"] = time.perf_counter() - t
     facts = {**model_facts(ckpt, "stateful", quant), "format": "edgellm-coreml", "context_length": ctx,
              "rounding": rounding, "source_fingerprint": source_fingerprint,
@@ -261,9 +262,8 @@ def convert_to_coreml(source: str, dest: str | Path, *, quant: str = DEFAULT_QUA
                       calib_text: str | None = None, calib_tokens: int = 4096, imatrix: bool = True,
                       force: bool = False, progress: Progress | None = None) -> CoreMLExport:
     """`source` (store alias, GGUF file or HF directory) -> Core ML package `dest`."""
-    from edgellm.runtimes.coreml_package import coremltools
-
     from edgellm import store
+    from edgellm.runtimes.coreml_package import coremltools
 
     from .pipeline import read_checkpoint
 

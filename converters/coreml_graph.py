@@ -10,7 +10,7 @@ int32 (1, q) and `causalMask` fp16 (1, 1, q, end) — an additive mask; end = pa
 positions is end − q — states `keyCache`/`valueCache` fp16 (layers, 1, kv_heads, ctx, head_dim), output
 `logits` fp16 (1, q, vocab). A mask whose query axis is 1 broadcasts over the queries.
 
-Per layer: RMSNorm in fp32 (the residual stream of SmolLM2 reaches |x| ≈ 10³, so x² overflows fp16), one
+Per layer: RMSNorm in fp32 (SmolLM2's residual stream reaches |x| ≈ 2.2·10⁴, so x² overflows fp16), one
 fused QKV linear, rotate-half RoPE from fp16 tables sliced at [past, end), K/V written into the state with
 one read_state per cache, then per layer slice_update → coreml_update_state, each layer updating the value
 the previous one wrote (the pattern coremltools' torch frontend emits for in-place buffer updates), one

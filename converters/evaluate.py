@@ -54,17 +54,31 @@ def compare_logits(ref: np.ndarray, cand: np.ndarray, targets: np.ndarray, rows:
     return np.concatenate(kld), np.concatenate(agree), np.concatenate(nll), np.concatenate(ref_nll)
 
 
+def _open(path: str | os.PathLike[str], kw: dict):
+    """A session for `path`; a Core ML package off macOS runs in edgellm's MIL interpreter (the saved program)."""
+    import sys
+
+    import edgellm
+    from edgellm import store
+
+    if store.classify(Path(path)) == "coreml":
+        from edgellm.runtime_coreml import load_coreml
+        return load_coreml(path, device="auto" if sys.platform == "darwin" else "interpreter", n_ctx=kw["n_ctx"],
+                           threads=kw["threads"], session_kw={"disk_cache": False})
+    return edgellm.load(path, **kw)
+
+
 def evaluate(model: str | os.PathLike[str], reference: str | os.PathLike[str], text: str, *, ctx: int = 512,
              threads: int | None = None, max_chunks: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
-    """Score `model` against `reference` (GGUF files or ONNX directories) on `text` (held out from calibration)."""
-    import edgellm
+    """Score `model` against `reference` (GGUF files, ONNX directories or Core ML packages) on `text` (held out
+    from calibration)."""
     from edgellm.gguf_check import validate_gguf
 
     if ctx < 16:
         raise UsageError("--ctx must be at least 16 tokens")
     kw = dict(n_ctx=ctx, threads=threads, disk_cache=False)
-    with edgellm.load(reference, **kw) as ref, edgellm.load(model, **kw) as cand:
+    with _open(reference, kw) as ref, _open(model, kw) as cand:
         if ref.backend.n_vocab != cand.backend.n_vocab:
             raise UsageError(f"the model's vocabulary ({cand.backend.n_vocab}) differs from the reference's "
                              f"({ref.backend.n_vocab}): KL divergence needs the same tokenizer")
@@ -88,7 +102,11 @@ def evaluate(model: str | os.PathLike[str], reference: str | os.PathLike[str], t
             if progress:
                 progress(c + 1, n_chunks)
     kld, agree, nll, ref_nll = (np.concatenate([p[i] for p in parts]) for i in range(4))
-    if Path(model).is_dir():  # an ONNX directory: scored through the same backend protocol
+    if Path(model).suffix == ".mlpackage":   # a Core ML package: its program's weights, side files not counted
+        from edgellm.runtime_coreml import coreml_facts
+        artifact, facts = coreml_facts(Path(model))
+        size, n_params = artifact.size_bytes, int(facts.get("n_params") or 0)
+    elif Path(model).is_dir():  # an ONNX directory: scored through the same backend protocol
         from edgellm.runtimes.onnx_backend import read_facts
         size = sum(p.stat().st_size for p in Path(model).glob("model.onnx*"))
         n_params = int(read_facts(Path(model)).get("n_params") or 0)

@@ -49,7 +49,7 @@ def plan_coreml(package: Path, *, device: str = "auto", n_ctx: int = 4096, threa
     if device.strip().lower() == INTERPRETER:
         est = 4 * int(facts.get("n_params") or 0) + state_bytes(facts) + RUNTIME_OVERHEAD_BYTES  # float32 weights
         base = choose(prof, Artifact("onnx", artifact.size_bytes), requested_device="cpu", threads=threads,
-                      n_ctx=n_ctx_eff, env=os.environ, memory_bytes=est)   # threads and the memory check as for any CPU runtime
+                      n_ctx=n_ctx_eff, env=os.environ, memory_bytes=est)   # threads, memory check: as any CPU runtime
         plan = dataclasses.replace(
             base, backend="coreml", device=INTERPRETER,
             reasons=(INTERPRETER_REASON, *base.reasons[1:]))
@@ -75,8 +75,8 @@ def compute_device(plan: Plan, requested: str) -> str:
 def load_coreml(path: str | Path, *, device: str = "auto", n_ctx: int = 4096, threads: int | None = None,
                 check_memory: bool = True, session_kw: dict[str, Any] | None = None):
     """An edgellm Session over a Core ML package (see edgellm.load); device='interpreter' runs it anywhere."""
-    from .session import open_session
     from .runtimes.coreml_backend import CoreMLBackend, open_engine, package_fingerprint
+    from .session import open_session
 
     package = Path(path)
     plan, _ = plan_coreml(package, device=device, n_ctx=n_ctx, threads=threads)
@@ -87,7 +87,7 @@ def load_coreml(path: str | Path, *, device: str = "auto", n_ctx: int = 4096, th
     engine_device = INTERPRETER if plan.device == INTERPRETER else compute_device(plan, device)
     if engine_device != INTERPRETER:
         plan = dataclasses.replace(plan, reasons=(*plan.reasons, f"Core ML compute units: {engine_device}"))
-    engine = open_engine(package, engine_device)
+    engine = open_engine(package, engine_device, plan.threads)
     backend = CoreMLBackend(package, engine, n_ctx=n_ctx, device=engine_device,
                             fingerprint=package_fingerprint(package, engine.name, engine_device),
                             n_batch=512 if engine_device == INTERPRETER else 256)

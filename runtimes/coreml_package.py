@@ -30,7 +30,7 @@ def coremltools():
     import numpy as np
 
     try:
-        import coremltools as ct
+        ct = _quiet_import()
     except ImportError as e:
         raise BackendError(f"coremltools is not installed (pip install 'edgellm[coreml]'): {e}") from None
     major, minor = (int(x) for x in np.__version__.split(".")[:2])
@@ -38,6 +38,27 @@ def coremltools():
         raise UsageError(f"coremltools {ct.__version__} needs numpy < 2.4 (found {np.__version__}); "
                          "pip install 'edgellm[coreml]' pins a working numpy")
     return ct
+
+
+def _quiet_import():
+    """Import coremltools without its import-time warnings (no native Core ML off macOS, untested torch or
+    scikit-learn versions) unless EDGELLM_LOG asks for debug output: they concern predict and converters edgellm
+    does not use, and would land in every CLI run."""
+    import logging
+    import os
+    import sys
+
+    if "coremltools" in sys.modules or os.environ.get("EDGELLM_LOG", "").lower() in ("debug", "verbose", "1"):
+        import coremltools
+        return coremltools
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import coremltools
+    finally:
+        logger.setLevel(level)
+    return coremltools
 
 
 def _items(package: Path) -> dict[str, Path]:

@@ -45,8 +45,10 @@ def _np_dtype(var) -> np.dtype:
 
 def read_program(package: str | Path):
     """(pymil Program, spec) of a .mlpackage, read with coremltools' MIL reader (no macOS needed)."""
+    from edgellm.runtimes.coreml_package import check_package, coremltools, load_spec
+
+    coremltools()    # imported quietly, numpy checked
     from coremltools.converters.mil.frontend.milproto import load as milproto
-    from edgellm.runtimes.coreml_package import check_package, load_spec
 
     package = Path(package)
     check_package(package)
@@ -103,7 +105,7 @@ def _f32(x: np.ndarray) -> np.ndarray:
 
 def _slices(shape, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
     idx, squeeze = [], []
-    for a, n in enumerate(shape):
+    for a in range(len(shape)):
         st = int(stride[a]) if stride is not None else 1
         if squeeze_mask is not None and squeeze_mask[a]:
             idx.append(slice(int(begin[a]), int(begin[a]) + 1 if int(begin[a]) != -1 else None))
