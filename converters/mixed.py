@@ -30,6 +30,7 @@ import numpy as np
 from edgellm.errors import InvalidModelError, UsageError
 
 from .checkpoint import Checkpoint, gguf_tensor_names
+from .knapsack import exact_choice
 
 # ggml type -> the llama.cpp file type whose pure run (every tensor the same type) yields it. 256-wide
 # K/IQ blocks only fit rows that are multiples of 256; llama.cpp falls back elsewhere and such results
@@ -99,7 +100,8 @@ def choose(options: Mapping[str, list[Option]], budget: int) -> dict[str, Option
     """One option per tensor minimising the summed cost with summed bytes ≤ budget (the smallest must fit).
 
     The Lagrangian relaxation (min cost + λ·bytes per tensor, λ bisected) lands on the cost/size hull;
-    the bytes it leaves unused go greedily to the upgrades that buy the most cost per byte.
+    the bytes it leaves unused go greedily to the upgrades that buy the most cost per byte. An exact
+    dynamic programme over the budget (bytes in buckets, rounded up) runs beside it; the cheaper wins.
     """
     def pick(lam: float) -> dict[str, Option]:
         return {n: min(opts, key=lambda o: (o.cost + lam * o.bytes, o.bytes)) for n, opts in options.items()}
@@ -125,7 +127,20 @@ def choose(options: Mapping[str, list[Option]], budget: int) -> dict[str, Option
                 lo = mid
             if hi - lo <= 1e-9 * hi:
                 break
-    slack = budget - size(sel)
+    sel = _fill(options, sel, budget - size(sel))
+    # the relaxation can miss the optimum where one upgrade blocks a better pair: an exact dynamic programme
+    # over the bytes (converters/knapsack.py) is the check, and the cheaper of the two wins
+    exact = exact_choice({n: [(o.bytes, o.cost) for o in opts] for n, opts in options.items()}, budget)
+    if exact is not None:
+        alt = {n: options[n][j] for n, j in exact.items()}
+        alt = _fill(options, alt, budget - size(alt))
+        if sum(o.cost for o in alt.values()) < sum(o.cost for o in sel.values()):
+            sel = alt
+    return sel
+
+
+def _fill(options: Mapping[str, list[Option]], sel: dict[str, Option], slack: int) -> dict[str, Option]:
+    """Spend `slack` bytes greedily on the upgrades that buy the most cost per byte."""
     while True:
         best, gain = None, 0.0
         for n, cur in sel.items():

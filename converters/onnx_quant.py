@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .knapsack import exact_choice
+
 # candidate shrink factors of the block range (1.0 = plain min/max); the least weighted error wins.
 # 8-bit steps are fine enough that clipping outliers rarely pays: two candidates keep that layout cheap.
 _SHRINK = {4: (1.0, 0.95, 0.9, 0.85, 0.8, 0.75), 8: (1.0, 0.97)}
@@ -140,7 +142,8 @@ def allocate_bits(shapes: Mapping[str, tuple[int, int]], errors: Mapping[str, Ma
                   budget_bytes: int) -> dict[str, BitChoice]:
     """Every tensor at its smallest layout, then step by step the upgrade (to any larger layout of any
     tensor) that removes the most weighted error per extra byte, while the total fits `budget_bytes`.
-    A greedy multiple-choice knapsack; sizes are exact (bytes_of)."""
+    A greedy multiple-choice knapsack, checked against an exact one (the better wins); sizes are exact
+    (bytes_of)."""
     size = {t: {c: bytes_of(*shapes[t], c) for c in errors[t]} for t in shapes}
     choice = {t: min(errors[t], key=lambda c: size[t][c]) for t in shapes}
     used = sum(size[t][choice[t]] for t in shapes)
@@ -154,10 +157,18 @@ def allocate_bits(shapes: Mapping[str, tuple[int, int]], errors: Mapping[str, Ma
                 if extra > 0 and gain > 0 and used + extra <= budget_bytes and gain / extra > best_rate:
                     best, best_rate = (t, c), gain / extra
         if best is None:
-            return choice
+            break
         t, c = best
         used += size[t][c] - size[t][choice[t]]
         choice[t] = c
+    # the greedy can miss the optimum where one upgrade blocks a better pair: an exact dynamic programme over
+    # the bytes (converters/knapsack.py) is the check, and the choice with less error wins
+    order = {t: list(errors[t]) for t in shapes}
+    exact = exact_choice({t: [(size[t][c], errors[t][c]) for c in order[t]] for t in shapes}, budget_bytes)
+    if exact is not None and sum(errors[t][order[t][j]] for t, j in exact.items()) < \
+            sum(errors[t][choice[t]] for t in shapes):
+        choice = {t: order[t][j] for t, j in exact.items()}
+    return choice
 
 
 Progress = Callable[[int, int], None]
