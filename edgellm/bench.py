@@ -357,6 +357,7 @@ def measure_bandwidth(threads: int, mib: int = 512, tries: int = 5) -> dict[str,
     faster. The kernel is max, not sum: numpy's pairwise float32 sum is compute-bound (~4.5 GB/s on
     an AVX-512 Xeon, less than llama.cpp streams), while its SIMD max runs at memory speed."""
     a = np.ones((mib << 20) // 4, dtype=np.float32)  # ones, not empty: the pages must really exist
+    nbytes = a.nbytes
 
     def best(fn: Callable[[], Any]) -> float:
         times = []
@@ -364,7 +365,7 @@ def measure_bandwidth(threads: int, mib: int = 512, tries: int = 5) -> dict[str,
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        return a.nbytes / min(times) / 1e9
+        return nbytes / min(times) / 1e9
 
     chunks = np.array_split(a, max(1, threads))
     with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -401,6 +402,19 @@ def decode_ceiling(model_path: Path, threads: int, n_gen: int) -> dict[str, Any]
     need = bytes_per_token(model_path, kv_tokens=n_gen // 2)
     return {"bandwidth": bw, "bytes_per_token": need,
             "ceiling_tps": bw["bandwidth_gbs"] * 1e9 / need["bytes_per_token"]}
+
+
+def check_ceiling(decode_tps: float, ceiling_tps: float, what: str = "decode") -> float:
+    """The share of the bandwidth ceiling `decode_tps` reaches, in %. Over 100 % is impossible for a decoder
+    that reads every weight per token: the ceiling is wrong (bandwidth measured too low, or bytes per token
+    counted too high), so the benchmark fails instead of printing a share nobody should believe."""
+    from .errors import BackendError
+
+    pct = 100 * decode_tps / ceiling_tps
+    if pct > 100:
+        raise BackendError(f"{what} ran at {decode_tps:.1f} tok/s, {pct:.0f}% of the memory-bandwidth ceiling "
+                           f"({ceiling_tps:.3g} tok/s): the ceiling is wrong, so the benchmark reports nothing")
+    return pct
 
 
 # ------------------------------------------------------------------ everything, as the CLI shows it
@@ -449,6 +463,6 @@ def run_bench(model: str | os.PathLike[str] | None = None, *, threads: int | Non
         "pp_tps": speed["pp_tps"], "tg_tps": speed["tg_tps"], "session_decode_tps": speed["session_decode_tps"],
         "ttft": ttft, "peak_rss_mb": rss, "peak_rss_with_anchor_mb": rss_total,
         "bandwidth_gbs": ceiling["bandwidth"]["bandwidth_gbs"], **ceiling,
-        "pct_of_ceiling": 100 * speed["tg_tps"] / ceiling["ceiling_tps"],
+        "pct_of_ceiling": check_ceiling(speed["tg_tps"], ceiling["ceiling_tps"]),
         "anchor": speed.get("anchor"), "ratios": ratios, "reps": reps,
     }

@@ -43,7 +43,7 @@ def test_run_bench_numbers_are_sane(result):
     assert 0.05 < result["ratios"]["tg_vs_anchor"] < 20
     assert 20 < result["peak_rss_mb"] < 8000
     assert result["bandwidth_gbs"] > 0.1 and result["ceiling_tps"] > 1
-    assert 0 < result["pct_of_ceiling"] < 300
+    assert 0 < result["pct_of_ceiling"] <= 100   # a decoder cannot beat the bandwidth ceiling (check_ceiling)
     # bytes per token ≈ the model's tensor data (tied embeddings: the output matrix is read in full)
     need = result["bytes_per_token"]
     assert 0.9 * need["file_data_bytes"] <= need["weight_bytes"] <= need["file_data_bytes"]
@@ -70,6 +70,24 @@ def test_cli_bench_json(default_model_path):
     data = json.loads(res.output)
     assert data["anchor"] is None and data["threads"] == 1
     assert data["tg_tps"] > 0 and data["ttft"]["cold_s"] > 0
+
+
+def test_a_wrong_ceiling_fails_the_bench(default_model_path, monkeypatch, capsys):
+    """Over 100 % of the bandwidth ceiling means the ceiling is wrong: the bench fails, one line, exit 7."""
+    from edgellm import bench
+    from edgellm.cli import main
+    from edgellm.errors import BackendError
+
+    assert bench.check_ceiling(50.0, 100.0) == 50.0
+    with pytest.raises(BackendError, match="ceiling is wrong"):
+        bench.check_ceiling(101.0, 100.0)
+    monkeypatch.setattr(bench, "measure_bandwidth", lambda threads, **kw: {"bandwidth_gbs": 0.001, "threads": threads})
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(default_model_path), "--threads", "1", "--prompt", "16", "--gen", "4", "--reps", "1",
+              "--history", "64", "--no-anchor", "--json"])
+    err = capsys.readouterr().err
+    assert e.value.code == BackendError.exit_code, err
+    assert "ceiling is wrong" in err and "Traceback" not in err
 
 
 def test_cli_bench_help():
