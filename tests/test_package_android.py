@@ -306,7 +306,7 @@ def test_llama_refused_or_tampered_state_falls_back_to_evaluating(llama_app, tmp
     model_dir = llama_app.out / "app/src/main/assets/edgellm/model"
     gguf = model_dir / m["files"][0]
     chat, lib = _pieces(m["chat"]), hostbuild.engine_library("llama")
-    with Engine(lib, gguf, chat, n_ctx=2048, threads=2) as e:
+    with Engine(lib, gguf, chat, n_ctx=2048, threads=1) as e:
         want = e.ask(QUESTION, 16).tokens
     good = (model_dir / state["file"]).read_bytes()
     cases = {"truncated": good[: len(good) // 2], "not a state": b"hello" * 10,
@@ -314,12 +314,12 @@ def test_llama_refused_or_tampered_state_falls_back_to_evaluating(llama_app, tmp
     for label, data in cases.items():
         bad = tmp_path / f"{label}.kv"
         bad.write_bytes(data)
-        with Engine(lib, gguf, chat, n_ctx=2048, threads=2, state_path=bad, state_tokens=state["tokens"]) as e:
+        with Engine(lib, gguf, chat, n_ctx=2048, threads=1, state_path=bad, state_tokens=state["tokens"]) as e:
             if label != "payload zeroed":  # zeroed KV bytes load (llama.cpp cannot tell): the app's sha256 check does
                 assert e.state_status == STATE_REFUSED, label
                 assert e.ask(QUESTION, 16).tokens == want, label
     wrong_tokens = [*state["tokens"][:-1], state["tokens"][-1] + 1]
-    with Engine(lib, gguf, chat, n_ctx=2048, threads=2, state_path=model_dir / state["file"],
+    with Engine(lib, gguf, chat, n_ctx=2048, threads=1, state_path=model_dir / state["file"],
                 state_tokens=wrong_tokens) as e:
         assert e.state_status == STATE_REFUSED and "differ" in e.info
 
@@ -568,3 +568,33 @@ def test_apk_classes_pass_a_bytecode_verifier(apk, tmp_path):
                           str(tmp_path / "app.jar")], check=False, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "verified=3" in run.stdout
+
+
+@pytest.mark.slow
+def test_host_engine_and_llama_cpp_python_coexist_in_one_process(llama_app):
+    """llama-cpp-python ships another llama.cpp under the same library names; the host engine links its llama.cpp
+    statically with hidden symbols, so both run in one process, in either order, each with its own version."""
+    import sys
+
+    m = llama_app.manifest
+    model_dir = llama_app.out / "app/src/main/assets/edgellm/model"
+    script = f"""
+import json, edgellm
+from pathlib import Path
+from edgellm.package import hostbuild
+from edgellm.package.engine import Engine
+from edgellm.package.manifest import ChatPieces
+chat = ChatPieces(**json.loads({json.dumps(json.dumps(m["chat"]))}))
+def engine():
+    with Engine(hostbuild.engine_library("llama"), Path({str(model_dir / m["files"][0])!r}), chat, threads=1) as e:
+        assert "b10679" in e.info, e.info
+        return e.ask("Hi", 4).tokens
+def python_runtime():
+    with edgellm.load("smollm2-135m", n_ctx=256, disk_cache=False, sampler=edgellm.GREEDY) as s:
+        return s.generate("Hi", max_tokens=4).tokens
+a, b, c = engine(), python_runtime(), engine()
+assert a == c and a and b, (a, b, c)
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

@@ -180,7 +180,7 @@ def test_ios_shipped_state_answers_like_a_cold_run(ios_app):
     chat, lib = ChatPieces(**m["chat"]), hostbuild.engine_library("llama")
     answers = {}
     for label, kw in (("cold", {}), ("state", {"state_path": res / state["file"], "state_tokens": state["tokens"]})):
-        with Engine(lib, res / m["files"][0], chat, n_ctx=2048, threads=2, **kw) as e:
+        with Engine(lib, res / m["files"][0], chat, n_ctx=2048, threads=1, **kw) as e:
             if label == "state":
                 assert e.state_status == STATE_RESTORED
             answers[label] = e.ask("Where can I see the meteorites?", 24).tokens

@@ -25,11 +25,15 @@ from ..errors import PackagingError
 from . import jnibuild, natives, tools
 
 Progress = Callable[[str, int, int], None]
-RECIPE = "1"   # bump when the build steps below change the output
-CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=OFF", "-DGGML_OPENMP=OFF",
+RECIPE = "2"   # bump when the build steps below change the output
+# Static, position-independent libraries linked into the engine's one shared library with their symbols
+# hidden: llama-cpp-python loads libllama.so.0 / libggml-base.so.0 of *another* llama.cpp version under the
+# same sonames, and two shared builds in one process would bind to each other's symbols.
+CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DCMAKE_POSITION_INDEPENDENT_CODE=ON",
+                 "-DGGML_NATIVE=OFF", "-DGGML_OPENMP=OFF",
                  "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
                  "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
-                 "-DLLAMA_OPENSSL=OFF", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN"]
+                 "-DLLAMA_OPENSSL=OFF"]
 # x86-64 CI machines have had AVX2/FMA/F16C for a decade; AMX/AVX-512 stay off (GGML_NATIVE picks AMX
 # on hosts that have it, and ggml's AMX kernels crashed in a VM here)
 X86_FLAGS = ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON"]
@@ -46,7 +50,7 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class HostLlama:
-    lib_dir: Path        # libllama.so, libggml*.so
+    lib_dir: Path        # libllama.a, libggml*.a (static, PIC)
     include: Path        # llama.h
     ggml_include: Path   # ggml.h
     build: str           # 'b10679-50f068fff'
@@ -101,8 +105,8 @@ def host_llama(progress: Progress | None = None) -> HostLlama:
                 tail = " | ".join((r.stderr or r.stdout).strip().splitlines()[-3:])
                 raise PackagingError(f"{what} failed: {tail}")
         (tmp / "lib").mkdir()
-        for so in (tmp / "build" / "bin").glob("lib*.so*"):
-            shutil.copy2(so, tmp / "lib" / so.name, follow_symlinks=False)
+        for lib in (tmp / "build").rglob("lib*.a"):
+            shutil.copy2(lib, tmp / "lib" / lib.name)
         shutil.rmtree(tmp / "build")
         if progress:
             progress("build llama.cpp", 1, 1)
@@ -118,7 +122,8 @@ def engine_library(kind: str, *, jni: bool = False, progress: Progress | None = 
         llama = host_llama(progress)
         lib_dir, header = llama.lib_dir, llama.include
         extra = ["-I", str(llama.ggml_include), f'-DEL_LLAMA_BUILD="{llama.build}"']
-        libs = ["-lllama", "-lggml", "-lggml-base"]
+        libs = ["-Wl,--exclude-libs,ALL", "-Wl,-Bsymbolic", "-lllama", "-lggml", "-lggml-cpu", "-lggml-base",
+                "-lstdc++", "-lm", "-lpthread"]
         base = llama.lib_dir.parent.name
     elif kind == "genai":
         lib_dir = pip_genai_dir()
