@@ -10,8 +10,9 @@ import time
 import pytest
 
 import edgellm
-from edgellm.errors import BackendError, UsageError
 from edgellm.deploy.units import worker_unit
+from edgellm.errors import BackendError, UsageError
+from edgellm.gguf_check import validate_gguf
 from edgellm.runtimes.rpc import parse_endpoints
 
 Q = [{"role": "user", "content": "List three fruits."}]
@@ -38,7 +39,7 @@ def workers():
                 except OSError:
                     assert proc.poll() is None and time.monotonic() < end, proc.stderr.read().decode()
                     time.sleep(0.05)
-        yield [f"127.0.0.1:{p}" for p in ports]
+        yield [f"127.0.0.1:{p}" for p in ports], [proc.pid for proc in procs]
     finally:
         for proc in procs:
             proc.terminate()
@@ -46,10 +47,25 @@ def workers():
             proc.wait(10)
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def test_model_spread_over_two_workers_answers_like_one_process(workers, default_model_path, llm):
+    endpoints, pids = workers
     local = llm.chat(Q, max_tokens=24)
+    before = [rss_bytes(pid) for pid in pids]
     with edgellm.load(default_model_path, n_ctx=2048, disk_cache=False, sampler=edgellm.GREEDY,
-                      rpc=",".join(workers)) as spread:
+                      rpc=",".join(endpoints)) as spread:
+        # the workers really hold the layers: llama.cpp sent each one its share of the weights (a silently
+        # ignored rpc= would leave them as they were). The input embeddings stay on the serving process.
+        grown = [rss_bytes(pid) - b for pid, b in zip(pids, before)]
+        layers = sum(t.n_bytes for t in validate_gguf(default_model_path).tensors if t.name.startswith("blk."))
+        print(f"\nworkers grew by {[round(g / 2**20, 1) for g in grown]} MiB; the layers hold {layers / 2**20:.1f} MiB")
+        assert all(g >= 0.2 * layers for g in grown), (grown, layers)
+        assert sum(grown) >= 0.8 * layers, (grown, layers)
         remote = spread.chat(Q, max_tokens=24)
         follow = spread.chat(Q + [{"role": "assistant", "content": remote.text},
                                   {"role": "user", "content": "And three vegetables?"}], max_tokens=12)
