@@ -3,7 +3,7 @@
 
 import * as api from './api.js';
 import * as chats from './chats.js';
-import { h, renderChatList, renderInfo, renderMessages, updateAnswer } from './view.js';
+import { h, messageNode, renderChatList, renderInfo, renderMessages, updateAnswer } from './view.js';
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -172,30 +172,43 @@ async function send() {
   const t0 = performance.now();
   const l = { chatId: chat.id, msg, node: null, ctl: new AbortController(), id: null, stopping: false, first: null };
   live = l;
-  // the request leaves first; the page's own work (storage, re-rendering) happens while the server prefills.
-  // Callbacks run only after this function yields, so render() below has created the answer's node by then.
+  // The request leaves first, and the page's own work while the server prefills is kept small (two nodes
+  // appended, not the conversation re-rendered): on a small device it competes with the model for the CPU.
+  // Callbacks run only after this function yields, so the answer's node exists by then.
   const answer = api.streamChat(requestBody(chat, msg), {
     signal: l.ctl.signal,
     onStart: (id) => {
       l.id = id;
     },
     onText: (piece) => {
-      const follow = nearBottom();
       msg.content += piece;
-      if (l.node) updateAnswer(l.node, msg);
-      if (l.first === null) l.first = performance.now() - t0;
-      if (follow) scrollToEnd();
+      if (l.first === null) {
+        showAnswer(l); // the first token at once
+        l.first = performance.now() - t0;
+      } else if (!l.frame) {
+        l.frame = requestAnimationFrame(() => showAnswer(l)); // later ones at most once a frame
+      }
     },
   });
   notify('');
-  if (chat.title === 'New chat') chat.title = text.trim().split('\n')[0].slice(0, 60);
+  if (chat.title === 'New chat') {
+    chat.title = text.trim().split('\n')[0].slice(0, 60);
+    ui.title.textContent = chat.title;
+    document.title = `${chat.title} · edgellm`;
+  }
   chat.updated = Date.now();
   store.chats = [chat, ...store.chats.filter((c) => c !== chat)];
   ui.input.value = '';
   grow();
-  persist();
-  render();
+  if (!ui.messages.querySelector('article')) ui.messages.replaceChildren();
+  l.node = messageNode(msg, info?.model);
+  ui.messages.append(messageNode(chat.messages[chat.messages.length - 2], info?.model), l.node);
+  scrollToEnd();
+  renderChatList(ui.list, store, {
+    busyId: chat.id, onSelect: select, onRename: rename, onExport: exportChat, onDelete: remove,
+  });
   setBusy(true);
+  persist();
   try {
     const res = await answer;
     msg.stats = { ...(res.stats || { finish_reason: res.finish }) };
@@ -204,6 +217,7 @@ async function send() {
     else msg.error = e.message;
   } finally {
     clearTimeout(l.timer);
+    cancelAnimationFrame(l.frame);
     if (msg.stats && l.first !== null) msg.stats.page_ttft_ms = Math.round(l.first * 10) / 10;
     delete msg.pending;
     live = null;
@@ -216,6 +230,14 @@ async function send() {
     });
     refreshInfo();
   }
+}
+
+function showAnswer(l) {
+  l.frame = 0;
+  if (!l.node) return; // another conversation is on screen
+  const follow = nearBottom();
+  updateAnswer(l.node, l.msg);
+  if (follow) scrollToEnd();
 }
 
 /** Stop the answer: ask the server to cancel it (the engine drops it at its next step, frees the slot and ends
