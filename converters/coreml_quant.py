@@ -4,7 +4,8 @@
   matrices (converters.gptq — the same machinery as the ONNX int4 export), stored as uint4 data with an fp16
   scale and a uint4 offset per block: 4.31 bits per weight, under coremltools' int4 recipe (symmetric int4
   blocks of 32 with an fp16 scale: 4.5 bits per weight).
-- int8: asymmetric 8-bit per output channel (one block spanning the row), GPTQ-rounded the same way.
+- int8: asymmetric 8-bit per output channel (one scale and offset per row), GPTQ-rounded in batches of 128
+  columns against that fixed grid.
 - palette4 / coreml-int4: coremltools' own compressors (k-means palettization; round-to-nearest symmetric int4
   blocks of 32, the recipe of swift-transformers' Mistral export) applied to edgellm's f16 program, restricted to
   linear and gather weights so the RoPE tables stay exact.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -21,11 +23,12 @@ from threadpoolctl import threadpool_limits
 from edgellm.errors import UnsupportedModelError
 
 from .checkpoint import Checkpoint
-from .gptq import gptq_blocks, inverse_factor
+from .gptq import NBitsGrid, gptq_rows, importance_of, inverse_factor, output_error
 from .onnx_graph import fused_units, unit_weight
-from .onnx_quant import QuantTensor, quantize_blocks
+from .onnx_quant import QuantTensor, pack, quantize_blocks, unpack
 
 INT4_BLOCK = 64
+CHANNEL_BATCH = 128           # columns per GPTQ batch for per-channel int8
 ANCHOR_INT4_BLOCK = 32        # coremltools' per_block recipe in swift-transformers' export and Apple's Llama article
 COMPRESSED_OPS = ("linear", "gather")   # the weights edgellm compresses; never the RoPE tables (slice_by_index)
 _FP16_TINY = float(np.finfo(np.float16).tiny)
@@ -42,22 +45,85 @@ def block_for(bits: int, k: int) -> int:
     raise UnsupportedModelError(f"a matrix with {k} inputs has no 4-bit block length (8..64) that divides it")
 
 
+def _fp16(scale: np.ndarray) -> np.ndarray:
+    """Scales as the package stores them (fp16), back in float32."""
+    return np.clip(scale, _FP16_TINY, 65504.0).astype(np.float16).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class F16BlockGrid(NBitsGrid):
+    """onnx_quant's asymmetric blocks with each scale rounded to fp16 before GPTQ rounds against it, so the
+    error compensation sees exactly the values Core ML will compute."""
+
+    def fit(self, w: np.ndarray, imp: np.ndarray):
+        s, z = super().fit(w, imp)
+        return _fp16(s), z
+
+
+@dataclass(frozen=True)
+class ChannelGrid:
+    """One fixed (scale, zero point) per output channel for the whole row, GPTQ-compensated over columns in
+    lazy batches of `block` (with the row as one block, GPTQ's per-column updates would grow with K²)."""
+
+    block: int
+    scale: np.ndarray
+    zero: np.ndarray
+    bits: int = 8
+
+    def fit(self, w: np.ndarray, imp: np.ndarray) -> None:
+        return None
+
+    def round(self, params, col: np.ndarray, j: int):
+        qc = np.clip(np.rint(col / self.scale) + self.zero, 0, (1 << self.bits) - 1)
+        return qc, (qc - self.zero) * self.scale
+
+
+def gptq_quant(w: np.ndarray, gram: np.ndarray, bits: int, *, rows: int = 2048) -> QuantTensor:
+    """GPTQ blocks of w [N, K] in the package's layout: 4-bit blocks (block_for) or 8-bit per channel, scales
+    already fp16. The returned QuantTensor is exactly what the package stores."""
+    n, k = w.shape
+    block = block_for(bits, k)
+    u, dead = inverse_factor(gram)
+    w = np.array(w, np.float32)
+    w[:, dead] = 0.0
+    imp = importance_of(gram)
+    codes, scales, zeros = [], [], []
+    for r in range(0, n, rows):
+        chunk = w[r:r + rows]
+        if bits == 8:   # the row's range first (importance-weighted search over the whole row), then GPTQ
+            qt = quantize_blocks(chunk, bits, block, imp)
+            grid = ChannelGrid(CHANNEL_BATCH, _fp16(qt.scales[:, 0]), unpack(qt.zero_points, bits)[:, 0]
+                               .astype(np.float32))
+            c, _, _ = gptq_rows(chunk, u, imp, grid)
+            s, z = grid.scale[:, None], grid.zero[:, None]
+        else:
+            c, params, _ = gptq_rows(chunk, u, imp, F16BlockGrid(bits, block))
+            s, z = np.stack([p[0] for p in params], 1), np.stack([p[1] for p in params], 1)
+        codes.append(c[:, :k])
+        scales.append(s)
+        zeros.append(z)
+    scales, zeros = np.concatenate(scales), np.concatenate(zeros)
+    nb = scales.shape[1]
+    q = np.concatenate(codes).astype(np.uint8).reshape(n, nb, block)
+    qt = QuantTensor(bits, block, k, n, pack(q, bits), scales, pack(zeros.astype(np.uint8), bits), 0.0)
+    qt.weighted_error = output_error(w, qt, gram)
+    return qt
+
+
 def quantize_units(ckpt: Checkpoint, weight: Callable[[str], np.ndarray], bits: int, *, importance=None, grams=None,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, QuantTensor]:
     """Every fused unit (onnx_graph.fused_units) in `bits`-bit blocks: GPTQ where a Gram matrix is known,
-    else importance-weighted range search (onnx_quant.quantize_blocks). Scales are rounded to fp16 here, so
-    the blocks returned are exactly the ones the package stores."""
+    else importance-weighted range search (onnx_quant.quantize_blocks). Scales are fp16 (as stored), so the
+    blocks returned are exactly the ones the package holds."""
     units = fused_units(ckpt.config)
     importance, grams = importance or {}, grams or {}
 
     def one(tag: str) -> QuantTensor:
         w = unit_weight(weight, units[tag])
-        block = block_for(bits, w.shape[1])
         if tag in grams:
-            qt = gptq_blocks(w, grams[tag], bits, block, factor=inverse_factor(grams[tag]))
-        else:
-            qt = quantize_blocks(w, bits, block, importance.get(tag))
-        qt.scales = np.clip(qt.scales, _FP16_TINY, 65504.0).astype(np.float16).astype(np.float32)
+            return gptq_quant(w, grams[tag], bits)
+        qt = quantize_blocks(w, bits, block_for(bits, w.shape[1]), importance.get(tag))
+        qt.scales = _fp16(qt.scales)
         return qt
 
     order = sorted(units, key=lambda t: -sum(int(np.prod(ckpt.tensors.shapes[n])) for n in units[t]))
