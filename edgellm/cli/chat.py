@@ -57,9 +57,9 @@ def command(model: str | None, system: str | None, prompt_state: str | None, tru
     from edgellm.errors import EdgeLLMError
 
     lk, sk = {**load_kwargs(kw), **optimize_kwargs(kw)}, sampling_kwargs(kw)
-    announce_optimize(model, lk)
-    if web:
+    if web:  # two slots: only llama.cpp batches them, so nothing is measured (load keeps the GGUF on llama.cpp)
         return _web(model, system, prompt_state, truncate, port, not no_browser, lk, sk)
+    announce_optimize(model, lk)
     with err.status("loading model …") if err.is_terminal else _null():
         llm = edgellm.load(model, prompt_state=prompt_state, **lk)
     conv = llm.conversation(system=system, **sk)
