@@ -59,7 +59,7 @@ def raw_request(base: str, payload: bytes, timeout: float = 30) -> tuple[int, by
 
 
 def chat_bytes(body: bytes) -> bytes:
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
 
 
@@ -120,7 +120,7 @@ def test_idle_and_slow_connections_are_closed_and_capped(base):
     try:
         time.sleep(0.2)
         # over the cap (24): a new connection is answered with a JSON 503 at once
-        status, body = raw_request(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, body = raw_request(base, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert status == 503 and json.loads(body)["error"]["code"] == "too_many_connections"
         # headers not finished within the header timeout (1 s here): every idle socket is closed by the server
         socks[0].sendall(b"GET /health HTTP/1.1\r\nHost:")  # a slow client, half a header
@@ -210,3 +210,24 @@ def test_hostile_template_blocks_nothing_and_sigterm_still_stops(default_model_p
         assert result["s"] < 10
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_a_loopback_server_answers_only_loopback_host_names(base):
+    """DNS rebinding: a web page points its own domain at 127.0.0.1 and drives a key-less local server from the
+    user's browser; its requests carry that domain as Host, and are refused."""
+    port = base.rsplit(":", 1)[1]
+    for host in (b"evil.example", b"evil.example:%s" % port.encode(), b"127.0.0.1.evil.example"):
+        status, body = raw_request(base, b"GET /v1/models HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host)
+        assert status == 421 and json.loads(body)["error"]["code"] == "host_not_allowed"
+    for host in (b"localhost:%s" % port.encode(), b"127.0.0.1", b"[::1]:%s" % port.encode()):
+        status, body = raw_request(base, b"GET /v1/models HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host)
+        assert status == 200 and json.loads(body)["data"][0]["id"] == MODEL
+
+
+def test_host_names_a_server_answers():
+    from edgellm.server.limits import allowed_hosts, host_of
+
+    assert allowed_hosts("0.0.0.0") is None and "localhost" in allowed_hosts("127.0.0.1")
+    assert "pi.local" in allowed_hosts("::1", ("pi.local",))
+    assert [host_of(h) for h in (b"LocalHost:80", b"[::1]:8080", b"::1", b"127.0.0.1")] == \
+        ["localhost", "::1", "::1", "127.0.0.1"]

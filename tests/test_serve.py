@@ -225,7 +225,7 @@ def test_client_hanging_up_mid_stream_leaves_a_consistent_server(base, client):
     body = json.dumps({"model": MODEL, "stream": True, "max_tokens": 200, "temperature": 0,
                        "messages": [{"role": "user", "content": "Write a long story about a dragon."}]}).encode()
     with socket.create_connection((host, int(port))) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
         got = b""
         while got.count(b"data: ") < 4:

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import serving  # the tests' shared server helpers
 
-import edgellm
-from edgellm.server import EdgeServer, ServeConfig, web
+from edgellm.server import web
 
 MODEL = "smollm2-135m"
 CHROMIUM = os.environ.get("EDGELLM_CHROMIUM", "/usr/bin/chromium")
@@ -45,24 +44,9 @@ HOSTILE_MD = ("Look: [click me](javascript:alert(1)) and [data](data:text/html,<
 
 
 # -- a real server ----------------------------------------------------------------------------------
-@contextmanager
 def running(path, *, n_ctx: int = 1024, **config):
-    """An in-process server on an ephemeral loopback port; always shut down."""
-    session = edgellm.load(path, n_ctx=n_ctx, disk_cache=False, sampler=edgellm.GREEDY,
-                           parallel=config.get("parallel", 2))
-    server = EdgeServer(session, ServeConfig(model_id=MODEL, **{"parallel": 2, **config}), port=0)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.uvicorn.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        server.stop()
-        thread.join(60)
-        session.close()
+    """An in-process server on an ephemeral loopback port (two slots unless told otherwise)."""
+    return serving.running(path, n_ctx=n_ctx, **{"parallel": 2, **config})
 
 
 @pytest.fixture(scope="module")

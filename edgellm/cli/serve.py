@@ -45,12 +45,15 @@ from .output import err
               help="Open connections at once; requests beyond get HTTP 503.")
 @click.option("--header-timeout", "header_timeout_s", type=float, default=10, show_default=True,
               help="Seconds a connection may take to send a request's headers before it is closed.")
+@click.option("--allow-host", "allow_host", multiple=True, metavar="NAME",
+              help="On a loopback address only requests for localhost/127.0.0.1/[::1] are answered (a web page "
+                   "cannot reach the server by pointing its own domain at 127.0.0.1); add another Host name.")
 @model_options
 @optimize_options
 def command(model: str | None, host: str, port: int, api_key: str | None, parallel: int, batch: bool, max_queue: int,
             timeout_s: float, default_max_tokens: int, drain_s: float, rpc: str | None, system: str | None,
             prompt_state: str | None, temperature: float, max_body: str, max_connections: int,
-            header_timeout_s: float, **kw) -> None:
+            header_timeout_s: float, allow_host: tuple[str, ...], **kw) -> None:
     """Serve MODEL (default: the embedded SmolLM2-135M) over HTTP with the OpenAI API:
     /v1/chat/completions (streaming and not), /v1/completions, /v1/models, /health; a chat page at /
     (docs/web-chat.md), and /v1/edgellm/info, /v1/edgellm/cancel/ID.
@@ -99,7 +102,7 @@ def command(model: str | None, host: str, port: int, api_key: str | None, parall
     config = ServeConfig(model_id=model_id, parallel=parallel, batch=batch, max_queue=max_queue, timeout_s=timeout_s,
                          default_max_tokens=default_max_tokens, api_key=key, drain_s=drain_s, system=system,
                          system_state=prompt_state, max_body_bytes=body_bytes, max_connections=max_connections,
-                         header_timeout_s=header_timeout_s)
+                         header_timeout_s=header_timeout_s, extra_hosts=tuple(h.lower() for h in allow_host))
     server = EdgeServer(session, config, host=host, port=port)
     pinned = server.system_tokens
     err.print(f"edgellm serve: {model_id} on http://{host}:{port}/v1  ({session.plan.backend}, {parallel} slot"

@@ -32,8 +32,8 @@ from . import openai as oa
 from . import web
 from .config import ServeConfig
 from .engine import Engine, QueueFullError, Request
-from .limits import guarded_protocol, read_body
 from .introspect import request_stats, server_info
+from .limits import HostCheck, allowed_hosts, guarded_protocol, read_body
 from .system import pinned_state
 
 
@@ -94,7 +94,8 @@ class Server:
             *web.page_routes(),
         ]
         return Starlette(routes=routes, lifespan=lifespan,
-                         middleware=[Middleware(_APIKey, key=self.config.api_key)],
+                         middleware=[Middleware(HostCheck, allowed=self.config.allowed_hosts),
+                                     Middleware(_APIKey, key=self.config.api_key)],
                          exception_handlers={404: self._not_found, 405: self._not_allowed,
                                              HTTPException: self._http_error, Exception: self._internal})
 
@@ -276,6 +277,8 @@ class EdgeServer:
         import uvicorn
 
         self.config = config
+        if config.allowed_hosts is None:
+            config.allowed_hosts = allowed_hosts(host, config.extra_hosts)
         self.server = Server(session, config)
         self.system_tokens = self.server.system_tokens  # the pinned system prompt's length (0: none)
         self.uvicorn = uvicorn.Server(uvicorn.Config(

@@ -23,3 +23,6 @@ class ServeConfig:
     body_timeout_s: float = 30.0  # the whole body must arrive within this, or 408
     header_timeout_s: float = 10.0  # a connection must complete its request headers within this, or it is closed
     max_connections: int = 64  # open connections; requests beyond get 503 and idle ones time out
+    # Host header names answered (None: any): set by EdgeServer from the address it binds (limits.allowed_hosts)
+    allowed_hosts: tuple[str, ...] | None = None
+    extra_hosts: tuple[str, ...] = ()  # --allow-host names added to the loopback ones

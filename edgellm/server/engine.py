@@ -40,7 +40,6 @@ from ..runtimes.kv_cache import SavedState, common_prefix
 from ..session import STASH_MIN_TOKENS, Session
 from ..textstream import TextAssembler
 
-
 # Exact mode decodes this many tokens of one sequence before moving to the next. llama.cpp reuses
 # its compute graph between decodes only while the same sequences take part (llama-graph.h,
 # allow_reuse), so switching sequence on every token would rebuild the graph every token; a quantum of

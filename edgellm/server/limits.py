@@ -17,7 +17,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .openai import APIError
 
-
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
         b"connection: close\r\ncontent-length: %d\r\n\r\n%s")
 BUSY_BODY = (b'{"error": {"message": "too many open connections; retry later", "type": "server_error", '
@@ -95,3 +94,42 @@ async def read_body(request: HTTPRequest, limit: int, timeout_s: float) -> bytes
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout") from None
     return b"".join(chunks)
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def allowed_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Host header values a server bound to `bind_host` answers: for a loopback address only loopback names
+    (a web page elsewhere can point its own domain at 127.0.0.1 — DNS rebinding — and drive a key-less local
+    server from the user's browser: it then sends its own domain as Host); None (any) for other addresses."""
+    if bind_host.strip("[]") in LOOPBACK:
+        return (*LOOPBACK, *extra)
+    return None
+
+
+def host_of(header: bytes) -> str:
+    """'localhost:8080' -> 'localhost', '[::1]:8080' -> '::1'."""
+    text = header.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1:text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host header is not an allowed name gets a JSON 421 (see allowed_hosts)."""
+
+    def __init__(self, app, allowed: tuple[str, ...] | None) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.allowed is not None and scope["type"] == "http":
+            host = host_of(dict(scope["headers"]).get(b"host", b""))
+            if host not in self.allowed:
+                from starlette.responses import JSONResponse
+
+                err = APIError(421, f"this server answers requests addressed to {', '.join(self.allowed)}, not "
+                               f"{host[:80]!r} (serve --allow-host NAME to add one)", code="host_not_allowed")
+                await JSONResponse(err.body(), status_code=421)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
