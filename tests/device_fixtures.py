@@ -6,7 +6,9 @@ from pathlib import Path
 from edgellm.device import DeviceProfile, parse_getprop, parse_key_values, probe_from
 
 FIXTURES = Path(__file__).parent / "fixtures" / "devices"
-NAMES = ("rpi4", "rpi5", "android-pixel", "x86-avx512", "mac-m2")
+NAMES = ("rpi4", "rpi5", "android-pixel", "x86-avx512", "mac-m2", "x86-vm-recorded")
+# written by hand from documented formats (README.md here); only these were recorded by record_fixture on the device
+RECORDED = ("x86-vm-recorded",)
 
 
 def load_fixture(name: str) -> DeviceProfile:

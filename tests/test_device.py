@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from edgellm import device
-from edgellm.device import DeviceProfile, parse_cpu_list, probe, probe_from, record_fixture
+from edgellm.device import parse_cpu_list, probe, probe_from, record_fixture
 
 sys.path.insert(0, str(Path(__file__).parent))
-from device_fixtures import FIXTURES, NAMES, load_fixture  # noqa: E402
+from device_fixtures import FIXTURES, NAMES, RECORDED, load_fixture  # noqa: E402
 
 GiB = 1 << 30
 
@@ -73,6 +73,28 @@ def test_mac_m2():
     assert p.metal and p.gpu == "Apple M2 Pro GPU (Metal)"
     assert {"neon", "asimd", "dotprod", "i8mm", "bf16", "fp16"} <= set(p.features)
     assert p.ram_bytes == 32 * GiB
+
+
+def test_recorded_x86_vm():
+    """Recorded with edgellm.device.record_fixture on this project's 2-core x86-64 VM (not hand-written)."""
+    p = load_fixture("x86-vm-recorded")
+    assert (p.os, p.arch, p.cpu_model) == ("linux", "x86_64", "Intel(R) Xeon(R) Processor")
+    assert {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx", "fma"} <= set(p.features)
+    assert (p.logical_cores, p.physical_cores, p.performance_cores, p.efficiency_cores) == (2, 2, 2, 0)
+    assert p.ram_bytes == 24683772 * 1024 and 0 < p.ram_available_bytes < p.ram_bytes
+    assert p.board is None and p.gpu is None and not p.metal and not p.nnapi
+    # what record_fixture copied is what the probe reads, and nothing the probe does not use
+    files = {str(f.relative_to(FIXTURES / "x86-vm-recorded")) for f in (FIXTURES / "x86-vm-recorded").rglob("*")
+             if f.is_file()}
+    assert {"proc/cpuinfo", "proc/meminfo", "uname.txt"} <= files
+    assert all(f.startswith(("proc/", "sys/devices/", "uname.txt")) for f in files), files
+
+
+def test_fixture_readme_says_which_fixtures_are_recorded():
+    readme = (FIXTURES / "README.md").read_text()
+    for name in NAMES:
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}`"))
+        assert ("recorded" if name in RECORDED else "hand-written") in row, row
 
 
 @pytest.mark.parametrize("name", NAMES)
