@@ -40,7 +40,7 @@ def edgellm_wheel(out: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="edgellm-wheel-") as tmp:
         src = Path(tmp) / "src"
         skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist")
-        for name in ("edgellm", "converters", "runtimes"):
+        for name in ("edgellm", "converters", "runtimes", "android"):   # every folder pyproject's package-dir maps
             shutil.copytree(root / name, src / name, ignore=skip)
         for name in ("pyproject.toml", "README.md"):
             shutil.copy2(root / name, src / name)
