@@ -5,10 +5,11 @@ tokenizer.json + tokenizer_config.json (chat template), edgellm_onnx.json (model
 needs without parsing the graph). Written beside the destination and renamed into place when complete.
 
 Which part is whose: the graph is emitted by converters/onnx_graph.py and the weights packed by
-converters/onnx_quant.py, rounded with GPTQ by converters/gptq.py (all edgellm's own). onnxruntime-genai's model builder is not called: it
-needs torch + transformers and a HF directory, quantizes every matrix alike with plain min/max
-rounding (no calibration, no mixed widths) and has no contrib-free flavour. It stays the anchor the
-benchmark (benchmarks/onnx_bench.py) compares against.
+converters/onnx_quant.py, rounded with GPTQ by converters/gptq.py (all edgellm's own). onnxruntime-genai's
+model builder is not called: it needs torch + transformers and a HF directory, takes no calibration text
+(round-to-nearest by default; k_quant rounding and k_quant_mixed int8 layers on request) and has no
+contrib-free flavour. It stays the anchor the benchmark (benchmarks/onnx_bench.py) compares against, at its
+defaults and at those settings.
 """
 from __future__ import annotations
 
