@@ -49,7 +49,10 @@ def render(template: str | None, messages: list[dict[str, Any]], *, add_generati
         return worker().render(request, deadline_s())
     except OSError as e:  # no child process possible here: the sandbox alone still applies
         _warn_once(f"chat templates render without a time limit ({e})")
-        return render_in_process(**request)
+        try:
+            return render_in_process(**request)
+        except (MemoryError, RecursionError) as err:
+            raise TemplateError(f"chat template failed: {type(err).__name__}") from None
 
 
 _warned: set[str] = set()

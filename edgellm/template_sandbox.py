@@ -64,7 +64,7 @@ def render_in_process(template: str | None, messages: list[dict[str, Any]], *, a
     try:
         return _compile(template or CHATML).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
-    except TemplateError:
+    except (TemplateError, MemoryError, RecursionError):  # the render process reports the last two itself
         raise
     except jinja2.exceptions.SecurityError as e:
         raise TemplateError(f"chat template tried something unsafe: {e}") from None

@@ -49,8 +49,11 @@ def _child_main() -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
+        # a backstop for a child whose parent died mid-render (see _die_with_parent): an hour of CPU in all
+        resource.setrlimit(resource.RLIMIT_CPU, (3600, 3600))
     except (ImportError, ValueError, OSError):  # pragma: no cover - no rlimits on this platform
         pass
+    _die_with_parent()
     from .template_sandbox import render_in_process
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -73,6 +76,22 @@ def _child_main() -> None:
         data = json.dumps(reply).encode()  # ASCII: lone surrogates travel as \\u escapes
         stdout.write(_HEAD.pack(len(data)) + data)
         stdout.flush()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this child when its parent dies, even in the middle of a runaway render (the
+    parent normally kills it at the deadline; a parent killed with SIGKILL cannot)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent was already gone before prctl
+            os._exit(0)
+    except (OSError, AttributeError):  # pragma: no cover - no prctl
+        pass
 
 
 # -- the parent ------------------------------------------------------------------------------------

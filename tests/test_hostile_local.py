@@ -244,3 +244,29 @@ def test_a_state_must_hold_exactly_the_tokens_it_claims(llm):
     llm.backend.load_state(state, n)
     llm.tokens = list(llm.tokenize("One two three four five six seven eight nine ten."))
     llm.reset()
+
+
+def test_a_runaway_render_dies_with_its_parent(tmp_path):
+    """A parent killed in the middle of a runaway render (SIGKILL skips its cleanup) leaves no child burning CPU."""
+    import signal
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys\nfrom edgellm import chat_template\nfrom edgellm.template_worker import worker\n"
+        "print(worker()._ensure().pid, flush=True)\n"
+        f"chat_template.render({NESTED_LOOPS!r}, [{{'role': 'user', 'content': 'x'}}])\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "EDGELLM_TEMPLATE_TIMEOUT": "600"})
+    child = int(proc.stdout.readline())
+    time.sleep(1.0)  # the child is rendering now
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the render child outlived its parent")
