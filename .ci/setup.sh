@@ -50,12 +50,15 @@ fi
 # Debian's Android build tools (the SDK's own cannot be downloaded here), clang/lld for Android's ABIs,
 # a JDK (apksigner, smali, keytool, the host JVM test), enjarify (dex -> JVM bytecode), npm (the pinned
 # onnxruntime / llama.cpp mobile binaries). Only for the test extras, only when missing.
-MOBILE_APT="aapt zipalign apksigner android-framework-res libsmali-java dexdump enjarify clang-14 lld-14 llvm-14 openjdk-17-jdk-headless npm cmake"
+MOBILE_APT="aapt zipalign apksigner android-framework-res libsmali-java dexdump enjarify clang-14 lld-14 llvm-14 openjdk-17-jdk-headless cmake"
 if [[ "$EXTRAS" == *test* ]] && command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
   missing=""
   for p in $MOBILE_APT; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
   done
+  # npm only when no npm is on PATH: a machine whose Node.js comes from NodeSource has npm inside its
+  # nodejs package, and Debian's npm package conflicts with that nodejs ("held broken packages")
+  command -v npm >/dev/null || missing="$missing npm"
   if [ -n "$missing" ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
     echo "installing$missing (apt, for the mobile packaging tests) ..." >&2
