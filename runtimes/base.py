@@ -102,6 +102,13 @@ class Backend(Protocol):
     def eval_all_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Append tokens and return the logits of every one of them (n, n_vocab): for evaluation."""
 
+    def eval_rows(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append a few tokens in one batch and return the logits of every one of them (n, n_vocab), for
+        speculative verification: may be a read-only view, valid until the next evaluation."""
+
+    def accept_tokens(self, tokens: Sequence[int]) -> None:
+        """Tell the backend's sampler about tokens chosen outside it (its repetition-penalty window)."""
+
     def truncate(self, n: int) -> None:
         """Drop KV positions ≥ n."""
 

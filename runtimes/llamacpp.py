@@ -159,6 +159,7 @@ class LlamaCppBackend:
         self._piece_buf = ctypes.create_string_buffer(256)
         self._piece_cache: dict[int, bytes] = {}
         self._sampler = None
+        self._rows_batch, self._rows_cap = None, 0  # eval_rows' batch, kept
         self.fingerprint = fingerprint
         self.capabilities = Capabilities(kv_state=True, logits=True, gpu=options.gpu_layers != 0,
                                          extra={"kv_type": options.kv_type})
@@ -278,6 +279,40 @@ class LlamaCppBackend:
         finally:
             ll.llama_batch_free(batch)
         return out
+
+    def eval_rows(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append a few tokens in one batch with logits for every one of them: a read-only (n, n_vocab)
+        view of llama.cpp's logits buffer, valid until the next evaluation (speculative verification)."""
+        ll = self._ll
+        n = len(tokens)
+        if self._n_past + n > self._n_ctx:
+            raise ContextOverflowError(f"{self._n_past + n} tokens do not fit the {self._n_ctx}-token context")
+        if n > self._rows_cap:
+            if self._rows_batch is not None:
+                ll.llama_batch_free(self._rows_batch)
+            self._rows_batch, self._rows_cap = ll.llama_batch_init(max(n, 16), 0, 1), max(n, 16)
+        batch = self._rows_batch
+        for i, tok in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, self._n_past + i, 1
+            batch.seq_id[i][0], batch.logits[i] = 0, 1
+        batch.n_tokens = n
+        rc = ll.llama_decode(self._ctx, batch)
+        if rc != 0:
+            self.truncate(self._n_past)
+            if rc == 1:
+                raise ContextOverflowError("no room left in the KV cache for this batch")
+            raise BackendError(f"llama_decode failed with code {rc}")
+        self._n_past += n
+        rows = np.ctypeslib.as_array(ll.llama_get_logits(self._ctx), shape=(n, self._n_vocab))
+        rows.flags.writeable = False
+        return rows
+
+    def accept_tokens(self, tokens: Sequence[int]) -> None:
+        """Tokens chosen outside the native sampler (speculative verification): they join its
+        repetition-penalty window, as a token it had sampled itself would."""
+        if self._sampler is not None:
+            for tok in tokens:
+                self._ll.llama_sampler_accept(self._sampler, tok)
 
     def reset_sampler(self, config: SamplerConfig, history: Sequence[int] = ()) -> None:
         if self._sampler is not None:
@@ -424,6 +459,9 @@ class LlamaCppBackend:
         if self._sampler is not None:
             ll.llama_sampler_free(self._sampler)
             self._sampler = None
+        if getattr(self, "_rows_batch", None) is not None:
+            ll.llama_batch_free(self._rows_batch)
+            self._rows_batch = None
         if getattr(self, "_ctx", None):
             ll.llama_free(self._ctx)
             self._ctx = None

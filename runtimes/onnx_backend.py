@@ -346,6 +346,22 @@ class OnnxBackend:
         self._last = parts[-1][-1]
         return np.concatenate(parts)
 
+    def eval_rows(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append a few tokens in one run with logits for every one of them (num_logits_to_keep = n):
+        the (n, n_vocab) rows, for speculative verification."""
+        n = len(tokens)
+        if self._n_past + n > self._n_ctx or n > self._n_batch:
+            raise ContextOverflowError(f"{self._n_past + n} tokens do not fit the {self._n_ctx}-token context")
+        rows = self._run(list(tokens), n)
+        self._last = rows[-1]
+        return rows
+
+    def accept_tokens(self, tokens: Sequence[int]) -> None:
+        """Tokens chosen outside the sampler (speculative verification) join its penalty window."""
+        if self._sampler is not None:
+            for tok in tokens:
+                self._sampler.accept(tok)
+
     def reset_sampler(self, config: SamplerConfig, history: Sequence[int] = ()) -> None:
         self._sampler = NumpySampler(config, history)
 

@@ -1,0 +1,224 @@
+"""Prompt-lookup speculative decoding, written once above every backend.
+
+A draft is what followed the most recent earlier occurrence of the context's last n-gram (prompt,
+history and answer so far): rewriting, summarising or editing a text copies long runs of it, and
+those runs cost one batched evaluation instead of one evaluation per token. The draft and the
+token before it are evaluated in one batch with logits for every position; the longest prefix the
+model agrees with is kept and the KV cache is truncated back over the rest.
+
+Greedy: a draft token is accepted when it is the argmax of its row, so the text is the one plain
+decoding gives from the same logits. With sampling, a deterministic draft x is accepted with
+probability p(x) under the full processed distribution (repeat penalty, top-k, top-p, min-p,
+temperature: runtimes/sampling.py, the same chain as llama.cpp's); a rejected position samples from
+p with x removed and renormalised, and a fully accepted draft samples one more token from the last
+row. Each emitted token then has exactly p's distribution (the standard speculative-sampling rule
+for a point-mass draft).
+
+When it pays (a measured rule, see docs/runtime.md): a step drafts only when the context holds a
+match for its last n-gram, and only as many tokens as the expected gain justifies. Verifying k
+drafts costs about 1 + cost_per_draft·k single steps (measured per backend); with a per-token
+acceptance rate a (tracked over recent drafts) a step yields 1 + a + … + a^k tokens on average, so
+the draft length maximising tokens per unit of cost is used, and none when no length beats 1.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import UsageError
+from .runtimes.base import SamplerConfig
+from .runtimes.sampling import distribution, penalized
+
+# Cost of one extra draft row in a verification batch, in units of a single-token step (see
+# benchmarks/speculative_bench.py --cost): measured on this project's 2-core x86 machine with the
+# default model. llama.cpp's CPU kernels read the weights once per batch; onnxruntime's MatMulNBits
+# likewise. A GPU or a larger model only makes rows cheaper, so these are conservative.
+ROW_COST = {"llama.cpp": 0.10, "onnxruntime": 0.10}
+DEFAULT_ROW_COST = 0.15
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """Prompt-lookup drafting settings (the defaults are what `edgellm.load` uses)."""
+
+    enabled: bool = True
+    ngram_max: int = 3  # the longest suffix n-gram looked up (longer matches first)
+    ngram_min: int = 2  # the shortest; single tokens match too often to predict much
+    max_draft: int = 8  # tokens per verification batch at most
+    row_cost: float | None = None  # None: the backend's measured ROW_COST
+    prior_rate: float = 0.6  # acceptance rate assumed before any draft was verified
+    memory: float = 0.8  # weight of the past in the running acceptance rate (per verified draft token)
+    min_gain: float = 1.05  # draft only where the expected tokens per unit of cost beat plain decoding by this
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.ngram_min <= self.ngram_max <= 16:
+            raise UsageError("speculation n-gram sizes must satisfy 1 ≤ ngram_min ≤ ngram_max ≤ 16")
+        if not 1 <= self.max_draft <= 64:
+            raise UsageError("speculation max_draft must be in 1..64")
+        if self.row_cost is not None and self.row_cost < 0:
+            raise UsageError("speculation row_cost must be ≥ 0")
+        if not 0 <= self.prior_rate <= 1 or not 0 <= self.memory < 1:
+            raise UsageError("speculation prior_rate must be in [0, 1] and memory in [0, 1)")
+
+
+OFF = SpeculationConfig(enabled=False)
+
+
+def speculation_from(value: bool | SpeculationConfig | None) -> SpeculationConfig:
+    if value is None or value is True:
+        return SpeculationConfig()
+    if value is False:
+        return OFF
+    if isinstance(value, SpeculationConfig):
+        return value
+    raise UsageError(f"speculate must be True, False or a SpeculationConfig, not {type(value).__name__}")
+
+
+class NgramIndex:
+    """Where each n-gram of the context last occurred, kept up to date token by token.
+
+    Maps an n-gram to the index of the token that followed its most recent occurrence, so a lookup
+    is a dict probe rather than a scan of the context (transformers' and llama.cpp's prompt lookup
+    scan; hand-written here because the index must grow with every accepted token).
+    """
+
+    def __init__(self, sizes: Sequence[int], tokens: Sequence[int] = ()) -> None:
+        self.sizes = sorted(set(sizes), reverse=True)
+        self.tokens: list[int] = []
+        self._maps: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for tok in tokens:
+            self.tokens.append(tok)
+            end = len(self.tokens) - 1  # the n-grams ending just before `tok` are followed by it
+            for n in self.sizes:
+                if end >= n:
+                    self._maps[n][tuple(self.tokens[end - n:end])] = end
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the most recent earlier occurrence of the longest
+        matching suffix n-gram; [] when the context holds none."""
+        toks, size = self.tokens, len(self.tokens)
+        for n in self.sizes:
+            if size < n:
+                continue
+            start = self._maps[n].get(tuple(toks[size - n:]))
+            if start is not None:
+                return toks[start:start + limit]
+        return []
+
+
+@dataclass
+class Controller:
+    """The draft length that maximises expected tokens per unit of cost, from the running acceptance rate."""
+
+    row_cost: float
+    max_draft: int
+    rate: float
+    memory: float
+    min_gain: float
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    _best: dict[float, int] = field(default_factory=dict)
+
+    def length(self, available: int) -> int:
+        """How many of `available` draft tokens to verify (0: decode one token plainly)."""
+        best_k, best_gain = 0, self.min_gain
+        a, c = self.rate, self.row_cost
+        expected, term = 1.0, 1.0
+        for k in range(1, min(available, self.max_draft) + 1):
+            term *= a
+            expected += term
+            gain = expected / (1.0 + c * k)
+            if gain > best_gain:
+                best_k, best_gain = k, gain
+        return best_k
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Fold a verified draft into the rate: each draft position up to the first rejection is one
+        Bernoulli observation (positions after it were never tested)."""
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        observed = accepted + (1 if accepted < drafted else 0)
+        for i in range(observed):
+            hit = 1.0 if i < accepted else 0.0
+            self.rate = self.memory * self.rate + (1.0 - self.memory) * hit
+
+
+def greedy_verify(rows: np.ndarray, draft: Sequence[int], config: SamplerConfig,
+                  history: Sequence[int]) -> tuple[int, int]:
+    """(accepted draft tokens, the next token) for greedy decoding: the model's argmax per row."""
+    if config.repeat_penalty == 1.0:
+        picks = rows.argmax(axis=1)
+        m = 0
+        while m < len(draft) and picks[m] == draft[m]:
+            m += 1
+        return m, int(picks[m])
+    window = list(history)
+    for m in range(len(draft) + 1):
+        pick = int(penalized(rows[m], config, window).argmax())
+        if m == len(draft) or pick != draft[m]:
+            return m, pick
+        window.append(pick)
+    raise AssertionError("unreachable")
+
+
+def sampled_verify(rows: np.ndarray, draft: Sequence[int], config: SamplerConfig, history: Sequence[int],
+                   rng: np.random.Generator) -> tuple[int, int]:
+    """(accepted draft tokens, the next token) under the speculative acceptance rule for a draft that
+    proposes x with certainty: accept with probability p(x), else draw from p without x."""
+    window = list(history)
+    for m in range(len(draft) + 1):
+        ids, p = distribution(penalized(rows[m], config, window), config)
+        if m == len(draft):
+            return m, int(ids[rng.choice(len(ids), p=p)])
+        x = draft[m]
+        hit = np.flatnonzero(ids == x)
+        px = float(p[hit[0]]) if hit.size else 0.0
+        if px > 0.0 and rng.random() < px:
+            window.append(x)
+            continue
+        if hit.size:
+            p = p.copy()
+            p[hit[0]] = 0.0
+            total = p.sum()
+            if total <= 0.0:  # x held all the mass (then it was accepted above): unreachable but safe
+                return m, x
+            p /= total
+        return m, int(ids[rng.choice(len(ids), p=p)])
+    raise AssertionError("unreachable")
+
+
+class Speculator:
+    """One generation's drafting state: the n-gram index over its context, the controller, the RNG."""
+
+    def __init__(self, settings: SpeculationConfig, backend_name: str, context: Sequence[int],
+                 sampler: SamplerConfig) -> None:
+        self.settings = settings
+        self.index = NgramIndex(range(settings.ngram_min, settings.ngram_max + 1), context)
+        cost = settings.row_cost if settings.row_cost is not None else ROW_COST.get(backend_name, DEFAULT_ROW_COST)
+        self.control = Controller(cost, settings.max_draft, settings.prior_rate, settings.memory, settings.min_gain)
+        self.sampler = sampler
+        self.rng = np.random.default_rng(sampler.seed)
+
+    def draft(self, limit: int | None = None) -> list[int]:
+        """The tokens to verify after the context's last token, at most `limit` ([] to decode plainly)."""
+        tokens = self.index.draft(min(self.settings.max_draft, limit if limit is not None else self.settings.max_draft))
+        k = self.control.length(len(tokens)) if tokens else 0
+        return tokens[:k]
+
+    def verify(self, rows: np.ndarray, draft: Sequence[int]) -> tuple[int, int]:
+        """Rows are the logits after the context's last token and after each draft token."""
+        c = self.sampler
+        history = self.index.tokens[-c.repeat_last_n:] if c.repeat_penalty != 1.0 and c.repeat_last_n else []
+        if c.greedy:
+            m, nxt = greedy_verify(rows, draft, c, history)
+        else:
+            m, nxt = sampled_verify(rows, draft, c, history, self.rng)
+        self.control.update(len(draft), m)
+        return m, nxt
