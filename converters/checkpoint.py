@@ -284,7 +284,8 @@ def pre_group(pre: str) -> str | None:
 
 def build_pre_tokenizer(pre: str) -> Any:
     """The tokenizers-library pre-tokenizer that splits text exactly as llama.cpp's `pre` does."""
-    from tokenizers import Regex, pre_tokenizers as pt
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
 
     group = pre_group(pre)
     if group == "smollm":

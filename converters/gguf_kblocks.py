@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .gguf_blocks import MinGrid, ScaleGrid, _f16, _half
+from .gguf_grids import MinGrid, ScaleGrid, _f16, _half
 
 QK = 256
 

@@ -16,8 +16,18 @@ import numpy as np
 from edgellm.errors import InvalidModelError, UnsupportedModelError
 from edgellm.gguf_check import validate_gguf
 
-from .checkpoint import (SPECIAL_TOKEN_TYPES, Checkpoint, ModelConfig, TensorSource, TokenizerData, dequantize,
-                         gguf_tensor_names, hf_tensor_shapes, llama_cpp_rope, pre_group)
+from .checkpoint import (
+    SPECIAL_TOKEN_TYPES,
+    Checkpoint,
+    ModelConfig,
+    TensorSource,
+    TokenizerData,
+    dequantize,
+    gguf_tensor_names,
+    hf_tensor_shapes,
+    llama_cpp_rope,
+    pre_group,
+)
 
 QT = gguf.GGMLQuantizationType
 SUPPORTED_ARCHS = ("llama", "qwen2")

@@ -21,8 +21,17 @@ import numpy as np
 
 from edgellm.errors import InvalidModelError, ModelNotFoundError, UnsupportedModelError
 
-from .checkpoint import (PRE_GROUPS, SPECIAL_TOKEN_TYPES, Checkpoint, ModelConfig, TensorSource, TokenizerData,
-                         build_pre_tokenizer, dequantize, hf_tensor_shapes)
+from .checkpoint import (
+    PRE_GROUPS,
+    SPECIAL_TOKEN_TYPES,
+    Checkpoint,
+    ModelConfig,
+    TensorSource,
+    TokenizerData,
+    build_pre_tokenizer,
+    dequantize,
+    hf_tensor_shapes,
+)
 
 TT = gguf.TokenType
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}

@@ -246,8 +246,8 @@ def check_disk(out: Path, n_params: int, quant: str, staged: bool) -> None:
     parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(parent).free
     if free < need:
-        from edgellm.sizes import human_bytes
         from edgellm.errors import ConversionError
+        from edgellm.sizes import human_bytes
         raise ConversionError(f"not enough disk space at {parent}: this conversion needs about {human_bytes(need)}, "
                               f"{human_bytes(free)} is free")
 

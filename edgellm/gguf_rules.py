@@ -14,7 +14,6 @@ from typing import Any
 import gguf
 
 from edgellm.errors import UnsupportedModelError
-
 from edgellm.gguf_info import Cursor, GGUFInfo, quote
 
 MAX_HPARAM = 1_000_000

@@ -7,7 +7,6 @@ Here the sampler chain is llama.cpp's own and logits are copied only when asked 
 from __future__ import annotations
 
 import ctypes
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,59 +18,9 @@ from edgellm.errors import BackendError, ContextOverflowError, InvalidModelError
 from .base import Capabilities, SamplerConfig
 from .llama_lib import init_native_logging
 from .llama_lib import llama as _llama
+from .llama_state import for_streams, one_stream
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}
-
-
-# llama.cpp's sequence state: u32 magic, i32 sequence id, u32 stream count (the context's), then per
-# stream a u32 cell count followed, for the one stream holding the sequence, by its cells. llama.cpp
-# refuses a state whose stream count differs from the context's, so a state saved by a one-sequence
-# session (`cache-prompt`, the disk cache) would not restore into a server slot. The cells do not depend
-# on the stream count: states are kept in the one-stream form and re-framed for the context on restore.
-_SEQ_HEAD = struct.Struct("<IiI")
-
-
-def _one_stream(buf: bytearray) -> bytearray:
-    """A sequence state from a context of any stream count, in the one-stream form (in place)."""
-    magic, seq, n = _SEQ_HEAD.unpack_from(buf)
-    if n == 1:
-        return buf
-    empty_before = 0  # streams before the sequence's own are empty: one zero count each
-    while empty_before < n and struct.unpack_from("<I", buf, _SEQ_HEAD.size + 4 * empty_before)[0] == 0:
-        empty_before += 1
-    if empty_before == n:  # the sequence holds no cells
-        return bytearray(_SEQ_HEAD.pack(magic, seq, 1) + bytes(4))
-    after = 4 * (n - 1 - empty_before)  # and so are the streams after it
-    if after and any(memoryview(buf)[len(buf) - after:]):
-        raise BackendError("unexpected llama.cpp sequence state layout (cells in several streams)")
-    del buf[len(buf) - after:]
-    del buf[_SEQ_HEAD.size:_SEQ_HEAD.size + 4 * empty_before]
-    _SEQ_HEAD.pack_into(buf, 0, magic, seq, 1)
-    return buf
-
-
-def _for_streams(data: bytes, n_stream: int):
-    """A ctypes buffer holding `data` (a sequence state) framed for a context of `n_stream` streams."""
-    if len(data) < _SEQ_HEAD.size + 4:
-        raise BackendError("the saved KV state is truncated")
-    try:
-        return _framed(data, n_stream)
-    except struct.error:
-        raise BackendError("the saved KV state is malformed") from None
-
-
-def _framed(data: bytes, n_stream: int):
-    n = _SEQ_HEAD.unpack_from(data)[2]
-    if n == n_stream:
-        return (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-    if n != 1:
-        data = _one_stream(bytearray(data))
-    body = memoryview(data)[_SEQ_HEAD.size:]
-    out = (ctypes.c_uint8 * (_SEQ_HEAD.size + len(body) + 4 * (n_stream - 1)))()  # zeroed: empty streams
-    magic, seq, _ = _SEQ_HEAD.unpack_from(data)
-    _SEQ_HEAD.pack_into(out, 0, magic, seq, n_stream)
-    memoryview(out).cast("B")[_SEQ_HEAD.size:_SEQ_HEAD.size + len(body)] = body
-    return out
 
 
 @dataclass(frozen=True)
@@ -385,7 +334,7 @@ class LlamaCppBackend:
         del buf[written:]
         # a bytearray: bytes-like for every consumer, without a second full copy; one-stream form (see
         # _SEQ_HEAD) so it restores into any slot of any context of this model
-        return _one_stream(buf)
+        return one_stream(buf)
 
     def load_state(self, data: bytes, n_tokens: int) -> None:
         ll = self._ll
@@ -393,7 +342,7 @@ class LlamaCppBackend:
             raise ContextOverflowError(f"a saved state of {n_tokens} tokens does not fit the {self._n_ctx}-token context")
         ll.llama_memory_clear(self._mem, True)
         self._n_past = 0
-        buf = _for_streams(data, self._n_stream)
+        buf = for_streams(data, self._n_stream)
         if ll.llama_state_seq_set_data(self._ctx, buf, len(buf), 0) == 0:
             ll.llama_memory_clear(self._mem, True)
             raise BackendError("llama.cpp rejected the saved KV state")
@@ -448,7 +397,7 @@ class LlamaCppBackend:
         """Replace sequence `seq` with a state from `seq_state` (of any sequence) holding n_tokens."""
         ll = self._ll
         self.seq_remove(seq)
-        buf = _for_streams(data, self._n_stream)
+        buf = for_streams(data, self._n_stream)
         if ll.llama_state_seq_set_data(self._ctx, buf, len(buf), seq) == 0:
             self.seq_remove(seq)
             raise BackendError("llama.cpp rejected the saved KV state")

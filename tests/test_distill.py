@@ -15,7 +15,6 @@ from edgellm.converters.torch_llama import to_torch
 from edgellm.errors import UsageError
 from edgellm.texts import calibration_text
 
-
 STEP_TOKENS = 2 * 64   # batch 2 x seq_len 64
 
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_onnx_quant import _run_nbits
 
 from edgellm.converters.gptq import gptq_blocks, output_error
 from edgellm.converters.onnx_quant import quantize_blocks
-
-from test_onnx_quant import _run_nbits
 
 
 def _inputs(k: int, t: int = 2048, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.errors import BackendError, UsageError
-from edgellm.plan import MiB, Artifact, choose, describe
+from edgellm.plan import Artifact, MiB, choose, describe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from device_fixtures import NAMES, load_fixture  # noqa: E402

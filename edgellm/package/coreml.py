@@ -16,6 +16,7 @@ from .. import memplan
 from ..errors import ContextOverflowError, InsufficientMemoryError, UnsupportedModelError
 from ..plan import RUNTIME_OVERHEAD_BYTES, choose
 from . import manifest as manifests
+from .parts import Source, count_tokens, phone_profile
 
 Progress = Callable[[str, int, int], None]
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
@@ -38,7 +39,6 @@ def check_contract(package) -> dict:
 def coreml_source(ref, *, system: str | None, phone: memplan.Board, n_ctx: int, max_tokens: int,
                   threads: int | None, staging: tempfile.TemporaryDirectory, progress: Progress | None = None):
     from ..runtime_coreml import coreml_facts, state_bytes
-    from .source import Source, _count_tokens_onnx, phone_profile
 
     package = ref.path
     artifact, facts = coreml_facts(package)   # structure and weight blobs checked, metadata read
@@ -62,7 +62,7 @@ def coreml_source(ref, *, system: str | None, phone: memplan.Board, n_ctx: int, 
         tok = tok_cfg.get(f"{which}_token")
         specials[f"{which}_token"] = (tok.get("content", "") if isinstance(tok, dict) else tok) or ""
     chat = manifests.chat_pieces(facts.get("chat_template"), system, **specials)
-    n_sys = _count_tokens_onnx(package.parent, chat.system_text)
+    n_sys = count_tokens(package.parent, chat.system_text)
     if n_sys + 8 > ctx:
         raise ContextOverflowError(f"the system prompt takes {n_sys} tokens; the context is {ctx}: shorten it")
     plan = choose(phone_profile(phone, "ios"), artifact, threads=threads, n_ctx=ctx, memory_bytes=need)

@@ -10,33 +10,20 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import memplan, store
-from ..device import DeviceProfile
 from ..errors import ContextOverflowError, InsufficientMemoryError, UnsupportedModelError, UsageError
 from ..plan import RUNTIME_OVERHEAD_BYTES, Artifact, choose
 from . import manifest as manifests
 from . import natives
+from .parts import Source, count_tokens, phone_profile
 
 Progress = Callable[[str, int, int], None]
 ONNX_FILES = ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json")
 FORMAT_OF = {"onnx": "onnx", "llama.cpp": "gguf", "coreml": "coreml"}
 BACKEND_OF = {"onnx": "onnx", "gguf": "llama.cpp", "coreml": "coreml"}
 STATE_FILE = "system.kv"
-
-
-@dataclass
-class Source:
-    backend: str
-    path: Path
-    files: list[Path]
-    manifest: dict
-    chat: manifests.ChatPieces
-    state_file: Path | None = None
-    warnings: list[str] = field(default_factory=list)
-    staging: tempfile.TemporaryDirectory | None = None   # generated files live here until packaged
 
 
 def prepare(model: str | os.PathLike | None, backend: str | None, *, system: str | None, target: str,
@@ -105,7 +92,7 @@ def prepare(model: str | os.PathLike | None, backend: str | None, *, system: str
         state_file = work / STATE_FILE
         state = shipped_state(ref.path, chat, state_file, n_ctx=ctx, progress=progress)
     else:
-        n_sys = _count_tokens_onnx(ref.path, chat.system_text)
+        n_sys = count_tokens(ref.path, chat.system_text)
         if n_sys + 8 > ctx:
             raise ContextOverflowError(f"the system prompt takes {n_sys} tokens; the context is {ctx}: "
                                        "shorten it or raise --ctx")
@@ -113,17 +100,6 @@ def prepare(model: str | os.PathLike | None, backend: str | None, *, system: str
     m = manifests.build(model_name=name, model_format=FORMAT_OF[chosen], files=files, runtime=runtime, chat=chat,
                         plan=plan.to_dict(), fit={**fit.to_dict(), "phone": board.to_dict()}, system_state=state)
     return Source(chosen, ref.path, files, m, chat, state_file, warnings, staging)
-
-
-def phone_profile(board: memplan.Board, target: str) -> DeviceProfile:
-    """A phone class as the planner sees a device: big cores do the work, as on the Pixel fixture."""
-    features = ("asimd", "dotprod", "fp16") if board.dotprod else ("asimd",)
-    big = 4 if target == "android" else 2
-    return DeviceProfile(os="android" if target == "android" else "darwin", arch="aarch64", cpu_model=board.cpu,
-                         features=features, logical_cores=board.cores, physical_cores=board.cores,
-                         performance_cores=big, efficiency_cores=board.cores - big, ram_bytes=board.ram_bytes,
-                         ram_available_bytes=int(board.usable_bytes / 0.9), metal=target == "ios",
-                         nnapi=target == "android", android_sdk=34 if target == "android" else None, board=board.name)
 
 
 def _runtime(backend: str, target: str, plan, ctx: int, max_tokens: int) -> dict:
@@ -182,11 +158,3 @@ def _gguf_template(path: Path) -> tuple[str | None, dict]:
             text = tokens.contents(idx)
         specials[f"{which}_token"] = text if isinstance(text, str) else ""
     return field_value("tokenizer.chat_template"), specials
-
-
-def _count_tokens_onnx(model_dir: Path, text: str) -> int:
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:  # no tokenizer library: bound by bytes (a token is at least one byte)
-        return len(text.encode())
-    return len(Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids)
