@@ -345,6 +345,8 @@ def test_off_macos_load_refuses_and_says_how_to_check(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "Apple" in msg and "device='interpreter'" in msg and "edgellm eval" in msg
     with load_coreml(pkg, device="interpreter", session_kw={"disk_cache": False}) as s:
+        from edgellm.runtimes.base import Backend
+        assert isinstance(s.backend, Backend)      # the protocol the Session (chat, serve one-at-a-time) uses
         assert s.plan.device == "interpreter" and s.backend.n_ctx == 32
         s.backend.eval([1, 2, 3])
         assert s.backend.logits().shape == (s.backend.n_vocab,)
