@@ -155,8 +155,9 @@ def _fill(options: Mapping[str, list[Option]], sel: dict[str, Option], slack: in
 
 
 def measure_options(ckpt: Checkpoint, ref_gguf: Path, fisher: Mapping[str, np.ndarray], n_tokens: int,
-                    imatrix: Mapping[str, np.ndarray] | None, workdir: Path, *, types: tuple[str, ...] = tuple(CANDIDATES),
-                    threads: int | None = None, progress: Progress | None = None,
+                    imatrix: Mapping[str, np.ndarray] | None, workdir: Path, *,
+                    types: tuple[str, ...] = tuple(CANDIDATES), threads: int | None = None,
+                    progress: Progress | None = None,
                     grams: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, list[Option]], int]:
     """Each quantizable tensor's options (real bytes, predicted KLD cost) and the file's fixed overhead.
     With `grams`: GPTQ options too, and Kronecker-factored costs for every tensor that has a Gram."""
@@ -257,7 +258,8 @@ def plan(options: Mapping[str, list[Option]], overhead: int, budget_bytes: int, 
     hi = overhead + sum(max(o.bytes for o in opts) for opts in options.values())
     if budget_bytes < lo:
         raise UsageError(f"target size {human_bytes(budget_bytes)} is below the smallest mix of llama.cpp types "
-                         f"for this model ({human_bytes(lo)}); possible targets: {human_bytes(lo)} to {human_bytes(hi)}")
+                         f"for this model ({human_bytes(lo)}); "
+                         f"possible targets: {human_bytes(lo)} to {human_bytes(hi)}")
     sel = choose(options, budget_bytes - overhead)
     by_type: dict[str, int] = {}
     for o in sel.values():
@@ -266,7 +268,8 @@ def plan(options: Mapping[str, list[Option]], overhead: int, budget_bytes: int, 
     return Recipe(budget_bytes=budget_bytes, overhead_bytes=overhead, tensor_bytes=sum(o.bytes for o in sel.values()),
                   predicted_kld=sum(o.cost for o in sel.values()), types={n: o.type for n, o in sorted(sel.items())},
                   sensitivity_tokens=sensitivity_tokens, label=label,
-                  options={n: [[o.type, o.bytes, o.cost, o.rounding] for o in opts] for n, opts in sorted(options.items())},
+                  options={n: [[o.type, o.bytes, o.cost, o.rounding] for o in opts]
+                           for n, opts in sorted(options.items())},
                   gptq=sorted(n for n, o in sel.items() if o.rounding == "gptq"))
 
 
@@ -277,7 +280,8 @@ def check_recipe(recipe: Recipe, ckpt: Checkpoint) -> None:
     have = set(recipe.types)
     if have != want:
         diff = sorted(have ^ want)
-        raise UsageError(f"the recipe does not match this model (e.g. tensor {diff[0]}); make a new one with --target-size")
+        raise UsageError(f"the recipe does not match this model (e.g. tensor {diff[0]}); "
+                         f"make a new one with --target-size")
     bad = sorted(t for t in set(recipe.types.values()) if t not in CANDIDATES)
     if bad:
         raise UsageError(f"the recipe uses unknown type {bad[0]}; known: {', '.join(CANDIDATES)}")

@@ -417,7 +417,8 @@ class _Portable(_Common):
         k_all = g.op("Concat", [f"past_key_values.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)[0]
         v_all = g.op("Concat", [f"past_key_values.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)[0]
         kt = g.one("Transpose", [self.repeat_kv(k_all)], perm=[0, 1, 3, 2])
-        scores = g.one("Mul", [g.one("MatMul", [q, kt]), g.const("scale", np.array(1 / np.sqrt(c.head_dim), np.float32))])
+        scores = g.one("Mul", [g.one("MatMul", [q, kt]),
+                               g.const("scale", np.array(1 / np.sqrt(c.head_dim), np.float32))])
         probs = g.one("Softmax", [g.one("Add", [scores, self.mask])], axis=-1)
         ctx = g.one("Transpose", [g.one("MatMul", [probs, self.repeat_kv(v_all)])], perm=[0, 2, 1, 3])
         ctx = g.one("Reshape", [ctx, g.const("merge", np.array([0, 0, -1], np.int64))])
@@ -427,7 +428,8 @@ class _Portable(_Common):
         act = g.one("Mul", [g.one("Mul", [gate, g.one("Sigmoid", [gate])]), self.linear(x, f"{p}.mlp.up_proj")])
         self.residual = g.one("Add", [self.residual, self.linear(act, f"{p}.mlp.down_proj")])
         last = i == c.num_hidden_layers - 1
-        return self.rmsnorm(self.residual, "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight")
+        return self.rmsnorm(self.residual,
+                            "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight")
 
     def finish(self, normed: str) -> None:
         g = self.g

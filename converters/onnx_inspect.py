@@ -69,7 +69,8 @@ def inspect_onnx(model_dir: str | Path) -> dict:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf / onnx raise assorted types for a damaged file
-        raise InvalidModelError(f"{path}: not a readable ONNX graph ({str(e).splitlines()[0] if str(e) else e})") from None
+        raise InvalidModelError(f"{path}: not a readable ONNX graph "
+                                f"({str(e).splitlines()[0] if str(e) else e})") from None
     facts = read_facts(model_dir)
     ops = Counter(n.op_type for n in model.graph.node)
     inits = {t.name: t for t in model.graph.initializer}

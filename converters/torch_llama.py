@@ -29,7 +29,8 @@ def to_torch(ckpt: Checkpoint, threads: int | None = None) -> Any:
     try:
         config = AutoConfig.for_model(hf.pop("model_type"), **{k: v for k, v in hf.items() if k != "architectures"})
     except ValueError as e:  # transformers validates dims (e.g. hidden size a multiple of the head count)
-        raise UnsupportedModelError(f"transformers cannot build this model: {str(e).splitlines()[-1].strip()}") from None
+        raise UnsupportedModelError(f"transformers cannot build this model: "
+                                    f"{str(e).splitlines()[-1].strip()}") from None
     config._attn_implementation = "sdpa"
     try:
         from transformers.initialization import no_init_weights

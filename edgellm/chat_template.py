@@ -24,7 +24,8 @@ def validate_messages(messages: list[dict[str, Any]]) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise TemplateError(f"message {i} must have string 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise TemplateError(f"message {i} has an unknown role {m['role'][:40]!r} (expected one of {', '.join(ROLES)})")
+            raise TemplateError(f"message {i} has an unknown role {m['role'][:40]!r} "
+                                f"(expected one of {', '.join(ROLES)})")
         try:
             m["content"].encode("utf-8")
         except UnicodeEncodeError as e:

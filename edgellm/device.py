@@ -185,7 +185,7 @@ def _linux_cpus(root: Path, blocks: list[dict[str, str]]) -> list[_Cpu]:
                        core if core is not None else i)
             cpus.append(_Cpu(i, key, speeds.get(i)))
         return cpus
-    for n, b in enumerate(blocks):
+    for _n, b in enumerate(blocks):
         i = int(b["processor"])
         key = (b["physical id"], b["core id"]) if "core id" in b else (None, i)
         mhz = b.get("cpu MHz")

@@ -79,7 +79,8 @@ def validate_gguf_stream(f: BinaryIO, file_size: int, name: str = "<stream>", re
     meta, types = _read_kv(c, n_kv)
     alignment = meta.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
     if types.get(gguf.Keys.General.ALIGNMENT, U32) != U32 or alignment < 1 or alignment & (alignment - 1):
-        c.fail(f"general.alignment must be a UINT32 power of two, got {types.get('general.alignment')} {quote(alignment)}")
+        c.fail(f"general.alignment must be a UINT32 power of two, "
+               f"got {types.get('general.alignment')} {quote(alignment)}")
     tensors = _read_tensors(c, n_tensors)
     data_offset = -(-c.tell() // alignment) * alignment
     info = GGUFInfo(name, file_size, version, alignment, data_offset, meta, tensors, types)
@@ -195,7 +196,8 @@ def _read_tensors(c: Cursor, n_tensors: int) -> list[TensorInfo]:
         t, rel = c.unpack("<IQ", 12, f"type and offset of tensor '{name}'")
         if t not in _KNOWN_TYPES:
             if t in _REMOVED_TYPES or t < 64:
-                raise UnsupportedModelError(f"{c.name}: tensor '{name}' has ggml type {t}, which is removed or unknown here")
+                raise UnsupportedModelError(f"{c.name}: tensor '{name}' has ggml type {t}, "
+                                            f"which is removed or unknown here")
             c.fail(f"tensor '{name}' has type {t}, which is not a ggml type")
         qt = _KNOWN_TYPES[t]
         block, tsize = gguf.GGML_QUANT_SIZES[qt]

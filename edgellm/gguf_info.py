@@ -128,7 +128,8 @@ class Cursor:
             return
         off = self.tell()
         if n > self.size - off:
-            self.fail(f"{what} at offset {off:,} needs {n:,} bytes but the file ends at {self.size:,} bytes (truncated)")
+            self.fail(f"{what} at offset {off:,} needs {n:,} bytes "
+                      f"but the file ends at {self.size:,} bytes (truncated)")
         rest, end = self.buf[self.pos:], self.base + len(self.buf)
         want = min(max(n - len(rest), _CHUNK), self.size - end)
         data = self.f.read(want)
@@ -155,7 +156,8 @@ class Cursor:
         if n > limit:
             self.fail(f"{what} length {n:,} exceeds the limit of {limit:,} bytes")
         if n > self.left():
-            self.fail(f"{what} length {n:,} at offset {self.tell() - 8:,} runs past the end of the file ({self.size:,} bytes)")
+            self.fail(f"{what} length {n:,} at offset {self.tell() - 8:,} "
+                      f"runs past the end of the file ({self.size:,} bytes)")
         self.fill(n, what)
         s = self.buf[self.pos:self.pos + n]
         self.pos += n
@@ -192,7 +194,8 @@ class Cursor:
 
     def skip(self, n: int, what: str) -> None:
         if n > self.left():
-            self.fail(f"{what} ({n:,} bytes at offset {self.tell():,}) runs past the end of the file ({self.size:,} bytes)")
+            self.fail(f"{what} ({n:,} bytes at offset {self.tell():,}) "
+                      f"runs past the end of the file ({self.size:,} bytes)")
         avail = len(self.buf) - self.pos
         if n <= avail:
             self.pos += n

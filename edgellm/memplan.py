@@ -194,8 +194,8 @@ def estimate(model_path: str | os.PathLike[str] | GGUFInfo, n_ctx: int, kv_type:
     fa = default_flash_attn(kv_type) if flash_attn is None else flash_attn
     kv = kv_cache_bytes(info, n_ctx, kv_type)  # per sequence: each has its own n_ctx-cell stream
     return MemoryEstimate(
-        model=Path(info.path).name, path=str(info.path), quant=info.file_type_name, n_ctx=n_ctx, kv_type=kv_type, flash_attn=fa,
-        n_seq=n_seq, n_params=info.n_params, weights_bytes=info.file_size, kv_bytes=kv * n_seq,
+        model=Path(info.path).name, path=str(info.path), quant=info.file_type_name, n_ctx=n_ctx, kv_type=kv_type,
+        flash_attn=fa, n_seq=n_seq, n_params=info.n_params, weights_bytes=info.file_size, kv_bytes=kv * n_seq,
         compute_bytes=compute_bytes(info, n_ctx, fa) + (n_seq - 1) * (info.hparams()["vocab_size"] or 0) * 4,
         state_cache_bytes=kv if state_cache_bytes is None else state_cache_bytes,
         runtime_bytes=RUNTIME_OVERHEAD_BYTES + (SERVER_OVERHEAD_BYTES if server else 0))
@@ -243,7 +243,8 @@ def _suggest(est: MemoryEstimate, usable: int) -> list[str]:
     keep = {"flash_attn": est.flash_attn, "n_seq": est.n_seq, "server": est.runtime_bytes > RUNTIME_OVERHEAD_BYTES}
     snap = est.state_cache_bytes / max(est.kv_bytes // est.n_seq, 1)  # snapshots scale with the context too
     for ctx in range(est.n_ctx // 256 * 256, 255, -256):
-        e = estimate(info, ctx, est.kv_type, **keep, state_cache_bytes=int(kv_cache_bytes(info, ctx, est.kv_type) * snap))
+        e = estimate(info, ctx, est.kv_type, **keep,
+                     state_cache_bytes=int(kv_cache_bytes(info, ctx, est.kv_type) * snap))
         if e.total_bytes <= usable:
             out.append(f"--ctx {ctx} fits")
             break

@@ -27,7 +27,8 @@ from edgellm.converters.hf_writer import write_hf
 from edgellm.errors import EdgeLLMError, InvalidModelError, UnsupportedModelError
 
 CORPUS = ["The quick brown fox jumps over the lazy dog 12345 times. ", "Bonjour, ça va? Übermäßig schön! ",
-          "你好世界。こんにちは。 ", "def f(x):\n    return x * 42  # answer\n", "I've been told they'll say 'RE'. "] * 8
+          "你好世界。こんにちは。 ", "def f(x):\n    return x * 42  # answer\n",
+          "I've been told they'll say 'RE'. "] * 8
 TEXT = "Bonjour, ça va?  The quick fox 1234 times.\n<|im_start|>user\nschön 你好<|im_end|>"
 CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

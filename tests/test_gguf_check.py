@@ -105,7 +105,8 @@ def test_versions(real):
 def test_truncated_header(real, tmp_path, cut):
     path = tmp_path / "cut.gguf"
     path.write_bytes(real[1][:cut])
-    with pytest.raises(InvalidModelError, match="shorter than a GGUF header|truncated|past the end|impossible|bytes remain"):
+    with pytest.raises(InvalidModelError,
+                       match="shorter than a GGUF header|truncated|past the end|impossible|bytes remain"):
         validate_gguf(path)
 
 
@@ -188,7 +189,8 @@ def test_tensors_out_of_table_order(real):
 def test_misaligned_offset(real):
     info, h, _ = real
     _, tpos = tensor_at(h, info.tensors[5].name)
-    expect(real, put(h, tpos + 4, "<Q", info.tensors[5].offset - info.data_offset + 1), "not a multiple of the alignment")
+    expect(real, put(h, tpos + 4, "<Q", info.tensors[5].offset - info.data_offset + 1),
+           "not a multiple of the alignment")
 
 
 def test_unknown_tensor_types(real):

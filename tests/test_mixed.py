@@ -39,7 +39,8 @@ def test_rotation_computes_the_same_function_off_the_grid(tiny_hf):
     rot = rotate(ckpt, seed=3)
     assert not rot.config.tie_word_embeddings and "lm_head.weight" in rot.tensors.shapes
     assert np.all(rot.tensors.load("model.layers.0.input_layernorm.weight") == 1.0)
-    w0, w1 = ckpt.tensors.load("model.layers.1.mlp.up_proj.weight"), rot.tensors.load("model.layers.1.mlp.up_proj.weight")
+    w0, w1 = (ckpt.tensors.load("model.layers.1.mlp.up_proj.weight"),
+              rot.tensors.load("model.layers.1.mlp.up_proj.weight"))
     assert w0.shape == w1.shape and not np.allclose(w0, w1, atol=1e-3)
     ids = list(range(5, 45))
     a = forward(dims_of(ckpt.config), weight_getter(ckpt), ids)

@@ -22,9 +22,11 @@ def _run_nbits(qt, a):
                               bits=qt.bits, block_size=qt.block, gather_axis=0, quantize_axis=1)]
     graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("A", 1, None),
                                            helper.make_tensor_value_info("ids", 7, None)],
-                              [helper.make_tensor_value_info("Y", 1, None), helper.make_tensor_value_info("E", 1, None)],
+                              [helper.make_tensor_value_info("Y", 1, None),
+                               helper.make_tensor_value_info("E", 1, None)],
                               inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)],
                               ir_version=8)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([[0, qt.n - 1, 3]], np.int64)
@@ -134,7 +136,8 @@ def test_graphs_match_the_reference_forward_on_toy_models(arch, tied, bias):
     for flavour in ("fused", "portable"):
         model = build_graph(c, w.get, flavour, WeightPlan())
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        past = {f"past_key_values.{i}.{k}": np.zeros((1, 2, 0, 16), np.float32) for i in range(2) for k in ("key", "value")}
+        past = {f"past_key_values.{i}.{k}": np.zeros((1, 2, 0, 16), np.float32)
+                for i in range(2) for k in ("key", "value")}
         rows = []
         for ids in (tokens[:4], tokens[4:5], tokens[5:]):
             n = sum(len(r) for r in rows) + len(ids)

@@ -41,7 +41,8 @@ def test_more_bits_mean_lower_kld(swept):
     for v in VARIANTS:
         assert get[("Q8_0", v)]["mean_kld"] < get[("Q4_0", v)]["mean_kld"]
         assert get[("Q4_0", v)]["bpw"] < get[("Q8_0", v)]["bpw"]
-    assert abs(get[("Q4_0", "edgellm")]["bytes"] / get[("Q4_0", "llama.cpp")]["bytes"] - 1) < 0.01  # same type, ~same size
+    # same type, ~same size
+    assert abs(get[("Q4_0", "edgellm")]["bytes"] / get[("Q4_0", "llama.cpp")]["bytes"] - 1) < 0.01
 
 
 def test_table_and_plot(swept, tmp_path):
@@ -80,5 +81,6 @@ def test_eval_sweep_cli(swept, tmp_path):
                  "--out", str(tmp_path / "rows.json"), "--plot", str(tmp_path / "sweep.png"))
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert [row["variant"] for row in rows] == list(VARIANTS) and rows == json.loads((tmp_path / "rows.json").read_text())
+    assert ([row["variant"] for row in rows] == list(VARIANTS)
+            and rows == json.loads((tmp_path / "rows.json").read_text()))
     assert (tmp_path / "sweep.png").stat().st_size > 1000

@@ -21,12 +21,14 @@ TEXTS = [
     "def main(argv):\n    for i in range(10):\n\t\tprint(f\"{i:03d}\")  # comment\n    return {'a': [1, 2]}\n",
     "Numbers 0 1 12 123 1234 12345 3.3 3..3 1e-9 0xFF -42 +7 100%",
     "whitespace   runs\t\ttabs\n\n\nnewlines    \n  trailing   ",
-    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nBonjour! 你好 🚀<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nBonjour! 你好 🚀<|im_end|>\n"
+    "<|im_start|>assistant\n",
     "<|endoftext|><repo_name>edgellm<file_sep>main.py<|im_end|>x<|im_start|>",
     "  leading spaces and 'quotes' \"double\" ''''''``` ......!!!!!!????? I'M 'RE 'D",
 ]
 # convert_hf_to_gguf.py's probe text and the hash it maps to 'smollm' (SmolLM's original tokenizer.json)
-CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 '
+CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ '
+          '(multiple emojis concatenated) ✅ 🦙🦙 '
           '3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
           '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
           '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')

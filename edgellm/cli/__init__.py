@@ -28,7 +28,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="edgellm", prog_name="edgellm")
-@click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's own log and full tracebacks (or EDGELLM_LOG=debug).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show llama.cpp's own log and full tracebacks (or EDGELLM_LOG=debug).")
 def cli(verbose: bool) -> None:
     """edgellm — run and convert LLMs for laptops, Raspberry Pis and phones.
 

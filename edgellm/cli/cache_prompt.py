@@ -34,7 +34,8 @@ def command(model: str | None, system: str, output: Path, as_json: bool, **kw) -
     t0 = time.perf_counter()
     with edgellm.load(model, **lk) as llm:
         n = llm.cache_prompt(system, output)
-    info = {"path": str(output), "tokens": n, "bytes": output.stat().st_size, "seconds": round(time.perf_counter() - t0, 2)}
+    info = {"path": str(output), "tokens": n, "bytes": output.stat().st_size,
+            "seconds": round(time.perf_counter() - t0, 2)}
     if as_json:
         emit_json(info)
     else:

@@ -83,7 +83,8 @@ def announce_optimize(model: str | None, lk: dict[str, Any]) -> None:
 def sampling_options(f: F) -> F:
     for opt in reversed([
         click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."),
-        click.option("-t", "--temperature", type=float, default=0.7, show_default=True, help="0 = greedy, deterministic."),
+        click.option("-t", "--temperature", type=float, default=0.7, show_default=True,
+                     help="0 = greedy, deterministic."),
         click.option("--top-k", type=int, default=40, show_default=True),
         click.option("--top-p", type=float, default=0.95, show_default=True),
         click.option("--min-p", type=float, default=0.05, show_default=True),

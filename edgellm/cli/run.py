@@ -59,7 +59,8 @@ def command(args: tuple[str, ...], system: str | None, raw: bool, prompt_state: 
         if raw:
             stream = llm.stream(prompt, **sk)
         else:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = (([{"role": "system", "content": system}] if system else [])
+                        + [{"role": "user", "content": prompt}])
             stream = llm.chat_stream(messages, **sk)
         if as_json:
             done = stream.completion
@@ -74,8 +75,9 @@ def command(args: tuple[str, ...], system: str | None, raw: bool, prompt_state: 
         done = stream.completion
         if show_stats:
             s = done.stats
-            err.print(f"[dim]{s.prompt_tokens} prompt tokens ({s.reused_tokens} reused), TTFT {s.ttft_s * 1000:.0f} ms, "
-                      f"{s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s, stop: {s.stop_reason}[/dim]")
+            err.print(f"[dim]{s.prompt_tokens} prompt tokens ({s.reused_tokens} reused), "
+                      f"TTFT {s.ttft_s * 1000:.0f} ms, {s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s, "
+                      f"stop: {s.stop_reason}[/dim]")
 
 
 def _split_args(args: tuple[str, ...]) -> tuple[str | None, str | None]:

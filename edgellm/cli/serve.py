@@ -14,7 +14,8 @@ from .output import err
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 exposes the server to the network: set an API key).")
 @click.option("--port", type=int, default=8080, show_default=True)
-@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' [default: EDGELLM_API_KEY, else none].")
+@click.option("--api-key", default=None,
+              help="Require 'Authorization: Bearer KEY' [default: EDGELLM_API_KEY, else none].")
 @click.option("--parallel", type=int, default=4, show_default=True,
               help="Requests in flight at once, each with its own --ctx KV cache; 1 serves one at a time.")
 @click.option("--batch/--exact", default=True, show_default=True,

@@ -97,7 +97,8 @@ def worker_unit(*, host: str = "0.0.0.0", port: int = RPC_PORT, threads: int | N
         f"ExecStart={shlex.join(args)}",
         "Restart=on-failure",
         "RestartSec=2",
-        *([f"CacheDirectory={cache_dir.removeprefix('/var/cache/')}"] if cache_dir and cache_dir.startswith("/var/cache/") else []),
+        *([f"CacheDirectory={cache_dir.removeprefix('/var/cache/')}"]
+          if cache_dir and cache_dir.startswith("/var/cache/") else []),
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ProtectHome=yes",

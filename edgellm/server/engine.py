@@ -105,7 +105,8 @@ class Engine:
                  batch: bool = True, pinned: tuple[SavedState, ...] = ()) -> None:
         be = session.backend
         if not isinstance(be, BatchBackend):
-            raise BackendError(f"edgellm serve needs the llama.cpp backend (a GGUF model); this model runs on {be.name}")
+            raise BackendError(f"edgellm serve needs the llama.cpp backend (a GGUF model); "
+                               f"this model runs on {be.name}")
         n_seq = be.n_seq
         if parallel > n_seq:
             raise BackendError(f"the backend holds {n_seq} sequences; load with parallel={parallel}")
