@@ -6,6 +6,13 @@ channels, embedding included). A budget (`100M` parameters or a ratio) is met by
 allowed axes reach (dims aligned to `align` where they are cut), scoring each pruned candidate by its KL
 divergence to the unpruned model on calibration tokens, and keeping the best (Minitron's recipe, with the
 light retraining of candidates left out).
+
+With `refit` (the default), each candidate is compensated in closed form (converters/refit.py): neurons and
+heads are chosen by the error left after refitting the projection that reads them, down_proj/o_proj (and,
+when hidden channels go, the readers of the stream) are refitted by ridge least squares to the unpruned
+model's outputs on calibration text, and the layers removed are those whose residual update a linear
+replacement (absorbed into the previous layer's down_proj) reproduces best. Without it, structures are cut
+by importance alone and the kept weights are sliced unchanged.
 """
 from __future__ import annotations
 
@@ -135,6 +142,8 @@ class PrunePlan:
     groups: list[np.ndarray]          # per kept layer: kept KV groups
     heads: list[np.ndarray]           # per kept layer: kept query heads, grouped by kept KV group
     norm_scale: dict[str, float] = field(default_factory=dict)   # RMSNorm rescale for the lost channels
+    fits: list = field(default_factory=list)               # refit.Fit per refitted projection (refit only)
+    checkpoint: Checkpoint | None = field(default=None, repr=False)   # the pruned model, once built
 
     def summary(self, config: ModelConfig) -> dict:
         full = shape_of(config)
@@ -166,6 +175,39 @@ def make_plan(config: ModelConfig, imp: Importance, s: Shape) -> PrunePlan:
         for name, m in imp.norm_in_sq.items():
             scale[name] = float(np.sqrt(m[hidden].mean() / max(m.mean(), 1e-30)))
     return PrunePlan(s, layers, hidden, [_top(imp.ffn[i], s.ffn) for i in layers], groups, heads, scale)
+
+
+def choose_layers(imp: Importance, scores, n_layer: int) -> list[int]:
+    """The `n_layer` layers to keep: those whose residual update a fitted linear replacement reproduces
+    worst (refit.layer_scores); without scores, the most influential by block influence."""
+    rank = imp.layer if scores is None else scores.replaced
+    return [int(i) for i in _top(np.asarray(rank), n_layer)]
+
+
+def refit_candidate(ckpt: Checkpoint, imp: Importance, scores, s: Shape, chunks: Sequence[Sequence[int]], *,
+                    states: bool = True, progress: Callable[[int, int], None] | None = None
+                    ) -> tuple[PrunePlan, Checkpoint]:
+    """Shape `s` with compensation (converters/refit.py): layers by post-replacement error, hidden channels by
+    importance, neurons and heads by post-refit error, and the consuming projections refitted. The teacher's
+    states kept in `scores` are reused when `states` (they must belong to these `chunks`)."""
+    from .refit import refit_model
+
+    base = make_plan(ckpt.config, imp, s)          # hidden channels and their norm rescale, as without refit
+    layers = choose_layers(imp, scores, s.n_layer)
+    r = refit_model(ckpt, chunks, layers=layers, hidden=base.hidden, ffn=s.ffn, n_kv=s.n_kv, q_per_kv=s.q_per_kv,
+                    norm_scale=base.norm_scale, states=getattr(scores, "states", None) if states else None,
+                    progress=progress)
+    config = shaped(ckpt.config, s)
+    shapes = hf_tensor_shapes(config)
+    missing = sorted(set(shapes) - set(r.tensors))
+    assert not missing, missing
+    data = {n: np.ascontiguousarray(r.tensors[n], np.float32) for n in shapes}
+    for n, w in data.items():
+        assert w.shape == shapes[n], (n, w.shape, shapes[n])
+    plan = PrunePlan(s, layers, base.hidden, r.ffn, r.groups, r.heads, base.norm_scale, r.fits)
+    out = Checkpoint(config, TensorSource(shapes, data.__getitem__, {n: "F32" for n in shapes}), ckpt.tokenizer,
+                     name=ckpt.name)
+    return plan, out
 
 
 def apply_plan(ckpt: Checkpoint, plan: PrunePlan) -> Checkpoint:
@@ -239,11 +281,20 @@ def kl_to(teacher_logits, model, ids) -> tuple[float, float]:
 
 def choose_plan(ckpt: Checkpoint, imp: Importance, tokens: Sequence[int], target: int, *,
                 align: int | None = None, axes: Sequence[str] = AXES, max_candidates: int = 16,
-                progress: Callable[[int, int], None] | None = None) -> tuple[PrunePlan, list[Candidate]]:
-    """The candidate shape whose pruned model is closest to `ckpt` on `tokens`, and every candidate's score."""
+                progress: Callable[[int, int], None] | None = None,
+                build: Callable[[Shape], tuple[PrunePlan, Checkpoint]] | None = None
+                ) -> tuple[PrunePlan, list[Candidate]]:
+    """The candidate shape whose pruned model is closest to `ckpt` on `tokens`, and every candidate's score.
+    `build(shape)` makes a candidate's plan and checkpoint (default: importance cuts, sliced weights); the
+    chosen candidate's plan is returned with its checkpoint in `plan.checkpoint`."""
     import torch
 
     from .torch_llama import to_torch
+
+    if build is None:
+        def build(s: Shape) -> tuple[PrunePlan, Checkpoint]:
+            p = make_plan(ckpt.config, imp, s)
+            return p, apply_plan(ckpt, p)
 
     shapes = candidate_shapes(ckpt.config, target, align=align, axes=axes)
     if len(shapes) > max_candidates:   # keep the spread: evenly spaced over the widest-first list
@@ -251,15 +302,17 @@ def choose_plan(ckpt: Checkpoint, imp: Importance, tokens: Sequence[int], target
     ids = torch.tensor([list(tokens)])
     with torch.no_grad():
         ref = to_torch(ckpt)(input_ids=ids).logits
-    cands = []
+    cands, best = [], None
     for k, s in enumerate(shapes):
-        pruned = apply_plan(ckpt, make_plan(ckpt.config, imp, s))
+        plan, pruned = build(s)
         kld, top1 = kl_to(ref, to_torch(pruned), ids)
         cands.append(Candidate(s, n_params(pruned.config), kld, top1))
+        if best is None or kld < best[0]:
+            best = (kld, plan, pruned)
         if progress:
             progress(k + 1, len(shapes))
-    best = min(cands, key=lambda c: c.kld)
-    return make_plan(ckpt.config, imp, best.shape), cands
+    best[1].checkpoint = best[2]
+    return best[1], cands
 
 
 # -- end to end --------------------------------------------------------------------------------------------
@@ -270,6 +323,7 @@ class PruneResult:
     importance: Importance
     candidates: list[Candidate]
     calib_tokens: int
+    layer_scores: object | None = None     # refit.LayerScores, with refit
 
     def explain(self, config: ModelConfig, top: int = 8) -> dict:
         """The importance ranking and the chosen cuts, JSON-ready (what `prune --explain` prints)."""
@@ -286,17 +340,36 @@ class PruneResult:
             "candidates": [{"shape": c.shape.describe(), "n_params": c.n_params, "kld": round(c.kld, 5),
                             "top1": round(c.top1, 4), "chosen": c.shape == p.shape} for c in self.candidates],
             "calibration_tokens": self.calib_tokens,
+            **self._refit_explain(),
         }
+
+    def _refit_explain(self) -> dict:
+        """Per refitted projection, the relative output error of the plain cut and after the refit; per layer,
+        the share of the stream its update carries before and after a fitted linear replacement."""
+        if not self.plan.fits and self.layer_scores is None:
+            return {"refit": False}
+        fits = [f.to_dict() for f in self.plan.fits]
+        total = {w: [round(float(np.mean([f[k] for f in fits if f["what"] == w])), 5) for k in ("before", "after")]
+                 for w in dict.fromkeys(f["what"] for f in fits)}
+        out = {"refit": True, "refit_errors": fits, "refit_mean_error": total}
+        if self.layer_scores is not None:
+            ls = self.layer_scores
+            out["layer_replacement"] = {int(i): [round(float(ls.plain[i]), 5), round(float(ls.replaced[i]), 5)]
+                                        for i in np.argsort(ls.replaced)}
+        return out
 
 
 def prune_model(ckpt: Checkpoint, target: int | str, *, align: int | None = None, axes: Sequence[str] = AXES,
                 calib_text: str | None = None, calib_tokens: int = 2048, score_tokens: int = 512,
-                max_candidates: int = 16, threads: int | None = None,
+                max_candidates: int = 16, threads: int | None = None, refit: bool = True,
+                refit_tokens: int = 8192, screen_tokens: int = 2048,
                 progress: Callable[[str, int, int], None] | None = None) -> PruneResult:
     """Prune `ckpt` to `target` parameters (a count, or a string like '100M' / '0.7') by calibrated importance.
 
     The first `calib_tokens` of the calibration text score the structures; the next `score_tokens`
     score the candidate shapes, so the choice is not judged on the tokens that ranked the structures.
+    With `refit`, candidates are refitted on `screen_tokens` calibration tokens outside the scoring ones, and
+    the chosen shape again on up to `refit_tokens` of them (more tokens, less overfitting; one pass).
     """
     import torch
 
@@ -328,6 +401,25 @@ def prune_model(ckpt: Checkpoint, target: int | str, *, align: int | None = None
     scoring = tokens[n_imp:n_imp + score_tokens]
     if len(scoring) < 64:
         scoring = tokens[:score_tokens]
+    build, scores = None, None
+    if refit:
+        from .refit import layer_scores
+
+        pool = tokens[:n_imp] + tokens[n_imp + score_tokens:]   # never the candidate-scoring tokens
+        screen = _chunks(pool[:max(screen_tokens, 64)])
+        scores = layer_scores(src, screen, progress=stage("layer scores"))
+
+        def build(s: Shape) -> tuple[PrunePlan, Checkpoint]:
+            return refit_candidate(src, imp, scores, s, screen, progress=stage("refit candidate"))
     plan, cands = choose_plan(src, imp, scoring, target, align=align, axes=axes, max_candidates=max_candidates,
-                              progress=stage("candidates"))
-    return PruneResult(apply_plan(src, plan), plan, imp, cands, n_imp)
+                              progress=stage("candidates"), build=build)
+    if refit and len(pool) > screen_tokens and refit_tokens > screen_tokens:
+        # the chosen shape (same layers) once more on every calibration token: more tokens, less overfitting
+        final = _chunks(pool[:refit_tokens])
+        plan, ckpt_final = refit_candidate(src, imp, scores, plan.shape, final, states=False, progress=stage("refit"))
+        plan.checkpoint = ckpt_final
+    return PruneResult(plan.checkpoint, plan, imp, cands, n_imp, scores)
+
+
+def _chunks(tokens: Sequence[int], size: int = 512) -> list[Sequence[int]]:
+    return [tokens[i:i + size] for i in range(0, len(tokens), size) if len(tokens[i:i + size]) >= 16]

@@ -65,23 +65,37 @@ def embed(weight: Callable[[str], np.ndarray | None], tokens: Iterable[int]) -> 
 def layer(dims: Dims, weight: Callable[[str], np.ndarray | None], i: int, h: np.ndarray,
           hook: Hook | None = None) -> np.ndarray:
     """Decoder layer `i` on the hidden states `h` of one sequence starting at position 0."""
+    p = f"model.layers.{i}"
+    h = h + linear(attend(dims, weight, i, h, hook), weight, f"{p}.self_attn.o_proj", f"blk.{i}.attn_output.weight",
+                   hook)
+    return h + linear(mlp_act(dims, weight, i, h, hook), weight, f"{p}.mlp.down_proj", f"blk.{i}.ffn_down.weight",
+                      hook)
+
+
+def linear(x: np.ndarray, weight: Callable[[str], np.ndarray | None], hf: str, gguf_name: str,
+           hook: Hook | None = None) -> np.ndarray:
+    if hook is not None:
+        hook(gguf_name, x)
+    y = x @ weight(f"{hf}.weight").T
+    b = weight(f"{hf}.bias")
+    return y + b if b is not None else y
+
+
+def attend(dims: Dims, weight: Callable[[str], np.ndarray | None], i: int, h: np.ndarray,
+           hook: Hook | None = None) -> np.ndarray:
+    """Layer `i`'s attention up to o_proj's input (n, n_head * head_dim): the stages are separate so that
+    pruning's refit (converters/refit.py) can refit o_proj and down_proj between them."""
     n = len(h)
     pos = np.arange(n)
     mask = np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
     group = dims.n_head // dims.n_head_kv
-
-    def linear(x: np.ndarray, hf: str, gguf_name: str) -> np.ndarray:
-        if hook is not None:
-            hook(gguf_name, x)
-        y = x @ weight(f"{hf}.weight").T
-        b = weight(f"{hf}.bias")
-        return y + b if b is not None else y
-
     p = f"model.layers.{i}"
     x = _rmsnorm(h, weight(f"{p}.input_layernorm.weight"), dims.eps)
-    q = linear(x, f"{p}.self_attn.q_proj", f"blk.{i}.attn_q.weight").reshape(n, dims.n_head, dims.head_dim)
-    k = linear(x, f"{p}.self_attn.k_proj", f"blk.{i}.attn_k.weight").reshape(n, dims.n_head_kv, dims.head_dim)
-    v = linear(x, f"{p}.self_attn.v_proj", f"blk.{i}.attn_v.weight").reshape(n, dims.n_head_kv, dims.head_dim)
+    q = linear(x, weight, f"{p}.self_attn.q_proj", f"blk.{i}.attn_q.weight", hook).reshape(n, dims.n_head, dims.head_dim)
+    k = linear(x, weight, f"{p}.self_attn.k_proj", f"blk.{i}.attn_k.weight", hook).reshape(n, dims.n_head_kv,
+                                                                                            dims.head_dim)
+    v = linear(x, weight, f"{p}.self_attn.v_proj", f"blk.{i}.attn_v.weight", hook).reshape(n, dims.n_head_kv,
+                                                                                            dims.head_dim)
     q, k = _rope(q, pos, dims.rope_theta), _rope(k, pos, dims.rope_theta)
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     qh, kh, vh = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (heads, n, d): BLAS matmuls
@@ -89,13 +103,17 @@ def layer(dims: Dims, weight: Callable[[str], np.ndarray | None], i: int, h: np.
     scores -= scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)
-    attn = (probs @ vh).transpose(1, 0, 2).reshape(n, dims.n_head * dims.head_dim)
-    h = h + linear(attn, f"{p}.self_attn.o_proj", f"blk.{i}.attn_output.weight")
+    return (probs @ vh).transpose(1, 0, 2).reshape(n, dims.n_head * dims.head_dim)
+
+
+def mlp_act(dims: Dims, weight: Callable[[str], np.ndarray | None], i: int, h: np.ndarray,
+            hook: Hook | None = None) -> np.ndarray:
+    """Layer `i`'s SwiGLU activations (down_proj's input) from the residual stream after attention."""
+    p = f"model.layers.{i}"
     x = _rmsnorm(h, weight(f"{p}.post_attention_layernorm.weight"), dims.eps)
-    gate = linear(x, f"{p}.mlp.gate_proj", f"blk.{i}.ffn_gate.weight")
-    up = linear(x, f"{p}.mlp.up_proj", f"blk.{i}.ffn_up.weight")
-    act = gate / (1.0 + np.exp(-gate)) * up
-    return h + linear(act, f"{p}.mlp.down_proj", f"blk.{i}.ffn_down.weight")
+    gate = linear(x, weight, f"{p}.mlp.gate_proj", f"blk.{i}.ffn_gate.weight", hook)
+    up = linear(x, weight, f"{p}.mlp.up_proj", f"blk.{i}.ffn_up.weight", hook)
+    return gate / (1.0 + np.exp(-gate)) * up
 
 
 def head(dims: Dims, weight: Callable[[str], np.ndarray | None], h: np.ndarray, hook: Hook | None = None,

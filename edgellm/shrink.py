@@ -16,10 +16,10 @@ Progress = Callable[[str, int, int], None]
 def prune(source: str | os.PathLike[str], prune_to: int | str, output: str | os.PathLike[str] | None = None, *,
           align: int | None = None, axes: Sequence[str] = ("depth", "ffn", "heads", "hidden"),
           calib_text: str | None = None, to: str = "gguf", out_type: str = "F16", threads: int | None = None,
-          progress: Progress | None = None) -> Any:
+          progress: Progress | None = None, refit: bool = True) -> Any:
     """Structured pruning of `source` (store alias, GGUF or HF directory) to `prune_to` parameters ('100M',
     0.7, 70%); writes `output` (GGUF, or a HF directory with to='hf') when given. Returns the PruneResult
-    (`.checkpoint`, `.plan`, `.explain(config)`)."""
+    (`.checkpoint`, `.plan`, `.explain(config)`). `refit`: compensate the cuts in closed form (converters/refit.py)."""
     from . import store
     from .converters.pipeline import read_checkpoint, write_checkpoint
     from .converters.prune import prune_model
@@ -27,7 +27,7 @@ def prune(source: str | os.PathLike[str], prune_to: int | str, output: str | os.
     ref = store.resolve(source)
     ckpt = read_checkpoint(ref.path, ref.kind)
     res = prune_model(ckpt, prune_to, align=align, axes=list(axes), calib_text=calib_text, threads=threads,
-                      progress=progress)
+                      progress=progress, refit=refit)
     if output is not None:
         write_checkpoint(res.checkpoint, Path(output), to, out_type, progress)
     return res

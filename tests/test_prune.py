@@ -14,8 +14,17 @@ import edgellm
 from edgellm.cli import main
 from edgellm.converters.gguf_writer import write_gguf
 from edgellm.converters.importance import compute_importance
-from edgellm.converters.prune import (Shape, apply_plan, candidate_shapes, make_plan, n_params, parse_budget,
-                                      prune_model, shape_of, shaped)
+from edgellm.converters.prune import (
+    Shape,
+    apply_plan,
+    candidate_shapes,
+    make_plan,
+    n_params,
+    parse_budget,
+    prune_model,
+    shape_of,
+    shaped,
+)
 from edgellm.converters.torch_llama import to_torch
 from edgellm.errors import UsageError
 

@@ -27,6 +27,12 @@ from .output import emit_json, err, out, stage_progress
               help="Further tokens on which each candidate shape's KL to the source is measured.")
 @click.option("--candidates", "max_candidates", type=int, default=12, show_default=True,
               help="Most candidate shapes to score.")
+@click.option("--refit/--no-refit", "refit", default=True, show_default=True,
+              help="Compensate the cuts: choose neurons/heads/layers by the error left after refitting the "
+                   "projections that read them, and refit those by least squares on calibration text.")
+@click.option("--refit-tokens", type=int, default=8192, show_default=True,
+              help="Calibration tokens the chosen shape is refitted on (candidates are screened on 2,048; never "
+                   "the candidate-scoring tokens).")
 @click.option("--type", "out_type", default="F16", show_default=True, help="Weights: F32, F16 or BF16.")
 @click.option("--to", "to", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True)
 @click.option("--explain", is_flag=True, help="Print the importance ranking, every candidate and the chosen cuts.")
@@ -35,10 +41,14 @@ from .output import emit_json, err, out, stage_progress
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def command(source: str, output: Path | None, prune_to: str, align: int | None, axes: str, calib: Path | None,
             calib_tokens: int, score_tokens: int, max_candidates: int, out_type: str, to: str, explain: bool,
-            force: bool, threads: int | None, as_json: bool) -> None:
+            force: bool, threads: int | None, as_json: bool, refit: bool = True, refit_tokens: int = 8192) -> None:
     """Structured pruning: remove whole layers, FFN neurons, attention head groups (query heads go with
-    their KV group) and hidden channels, ranked by their importance on calibration text. Several shapes
-    that meet the budget are pruned and scored by KL divergence to the source; the closest one is kept.
+    their KV group) and hidden channels. By default each cut is compensated in closed form: neurons and
+    heads are chosen by the error left after refitting the projection that reads them (down_proj, o_proj),
+    those are refitted by least squares to the source's outputs on calibration text, and the layers whose
+    update a fitted linear replacement reproduces best go (--no-refit: importance ranking, sliced weights).
+    Several shapes that meet the budget are pruned and scored by KL divergence to the source; the closest
+    one is kept.
     The result is a standard (uniform) Llama-family checkpoint: every exporter and runtime loads it.
     Recover quality afterwards with `edgellm distill`.
 
@@ -64,12 +74,14 @@ def command(source: str, output: Path | None, prune_to: str, align: int | None, 
     with stage_progress(enabled=err.is_terminal and not as_json) as report:
         res = prune_model(ckpt, prune_to, align=align, axes=[a.strip() for a in axes.split(",") if a.strip()],
                           calib_text=text, calib_tokens=calib_tokens, score_tokens=score_tokens,
-                          max_candidates=max_candidates, threads=threads, progress=report)
+                          max_candidates=max_candidates, threads=threads, progress=report, refit=refit,
+                          refit_tokens=refit_tokens)
         if output is not None:
             write_checkpoint(res.checkpoint, output, to, out_type, report)
     summary = {**res.explain(ckpt.config), "source": str(ref.path), "output": str(output) if output else None,
                "settings": {"prune_to": prune_to, "align": align, "axes": axes, "calib": str(calib or "built-in"),
-                            "calib_tokens": calib_tokens, "score_tokens": score_tokens, "type": out_type, "to": to}}
+                            "calib_tokens": calib_tokens, "score_tokens": score_tokens, "type": out_type, "to": to,
+                            "refit": refit, "refit_tokens": refit_tokens}}
     if as_json:
         emit_json(summary)
         return
@@ -79,7 +91,8 @@ def command(source: str, output: Path | None, prune_to: str, align: int | None, 
     err.print(f"{s['n_params_before'] / 1e6:.1f}M → {s['n_params'] / 1e6:.1f}M parameters: "
               f"{res.plan.shape.describe()}; removed layers {s['removed_layers'] or 'none'}")
     err.print(f"[dim]settings: prune_to={prune_to} align={align} axes={axes} calib={calib or 'built-in'} "
-              f"calib_tokens={calib_tokens} score_tokens={score_tokens} type={out_type} to={to}[/dim]")
+              f"calib_tokens={calib_tokens} score_tokens={score_tokens} refit={refit} refit_tokens={refit_tokens} "
+              f"type={out_type} to={to}[/dim]")
     if output is not None:
         out.print(str(output))
 
@@ -96,6 +109,19 @@ def print_explain(s: dict) -> None:
     out.print(f"[bold]FFN[/bold]: kept neurons hold {100 * s['ffn_kept_score_share']:.1f}% of the FFN importance")
     out.print(f"[bold]hidden[/bold]: kept channels hold {100 * s['hidden_kept_score_share']:.1f}% of the channel "
               f"importance; least important channels {s['hidden_least_important']}")
+    if s.get("layer_replacement"):
+        out.print("[bold]layers[/bold] by what deleting them drops from the stream, plain → after a fitted linear "
+                  "replacement (least first):")
+        out.print("  " + ", ".join(f"{i}: {a:.4f}→{b:.4f}" for i, (a, b) in s["layer_replacement"].items()))
+    if s.get("refit_errors"):
+        out.print("[bold]refit[/bold]: relative output error of each refitted projection on calibration tokens, "
+                  "plain cut → refitted:")
+        by_layer: dict[int, list[str]] = {}
+        for f in s["refit_errors"]:
+            by_layer.setdefault(f["layer"], []).append(f"{f['what']} {f['before']:.4f}→{f['after']:.4f}")
+        for layer, parts in by_layer.items():
+            out.print(f"  layer {layer:2d}: " + "  ".join(parts))
+        out.print("  mean: " + "  ".join(f"{w} {a:.4f}→{b:.4f}" for w, (a, b) in s["refit_mean_error"].items()))
     if s["candidates"]:
         out.print("[bold]candidates[/bold] (KL to the source on calibration tokens, best first):")
         for c in sorted(s["candidates"], key=lambda c: c["kld"]):
