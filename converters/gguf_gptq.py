@@ -112,26 +112,36 @@ def candidates(ckpt: Checkpoint, grams: Mapping[str, np.ndarray], types: Mapping
 
 def gptq_many(ckpt: Checkpoint, grams: Mapping[str, np.ndarray], jobs: Mapping[str, tuple[str, str]], *,
               threads: int | None = None, progress: Progress | None = None) -> dict[str, Blocks]:
-    """GPTQ blocks for each GGUF name -> (HF name, type) in `jobs`, rows in HF order. Tensors go on threads
-    with single-threaded BLAS (numpy releases the GIL in its kernels); one inverse factor per Gram."""
+    """GPTQ blocks for each GGUF name -> (HF name, type) in `jobs`, rows in HF order. Tensors that read the
+    same input in the same type (q/k/v, gate/up) are rounded as one stack of rows: rows are independent given
+    H, so this is the same result in one column loop. Stacks go on threads with single-threaded BLAS (numpy
+    releases the GIL in its kernels); one inverse factor per Gram."""
     cfg = ckpt.config
-    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for hf, _ in jobs.values():
-        key = gram_key(cfg, hf)
-        if key not in factors:
-            factors[key] = inverse_factor(grams[key])
+    stacks: dict[tuple[str, str], list[str]] = {}
+    for name, (hf, t) in jobs.items():
+        stacks.setdefault((gram_key(cfg, hf), t), []).append(name)
+    factors = {key: inverse_factor(grams[key]) for key in {k for k, _ in stacks}}
 
-    def one(item):
-        name, (hf, t) = item
-        key = gram_key(cfg, hf)
-        return name, gptq_tensor(np.asarray(ckpt.tensors.load(hf), np.float32), grams[key], t, factor=factors[key])
+    def one(item: tuple[tuple[str, str], list[str]]) -> dict[str, Blocks]:
+        (key, t), names = item
+        ws = [np.asarray(ckpt.tensors.load(jobs[n][0]), np.float32) for n in names]
+        b = gptq_tensor(np.concatenate(ws) if len(ws) > 1 else ws[0], grams[key], t, factor=factors[key])
+        out, r = {}, 0
+        for n, w in zip(names, ws):
+            values = b.values[r:r + len(w)]
+            out[n] = Blocks(t, b.raw[r:r + len(w)], values, values_error(w, values, grams[key]))
+            r += len(w)
+        return out
 
-    order = sorted(jobs.items(), key=lambda kv: -int(np.prod(ckpt.tensors.shapes[kv[1][0]])))   # largest first
+    def size(item) -> int:
+        return -sum(int(np.prod(ckpt.tensors.shapes[jobs[n][0]])) for n in item[1])
+
+    order = sorted(stacks.items(), key=size)        # largest first, so the head does not run alone at the end
     out: dict[str, Blocks] = {}
     workers = max(1, min(threads or os.cpu_count() or 1, 4))
     with ThreadPoolExecutor(workers) as pool, threadpool_limits(1 if workers > 1 else None, user_api="blas"):
-        for i, (name, blocks) in enumerate(pool.map(one, order)):
-            out[name] = blocks
+        for i, blocks in enumerate(pool.map(one, order)):
+            out.update(blocks)
             if progress:
                 progress(i + 1, len(order))
     return out

@@ -199,7 +199,9 @@ def plot(rows: Sequence[dict], path: str | os.PathLike[str], title: str | None =
     ax = fig.add_subplot()
     styles = {"llama.cpp": ("tab:gray", "s", "llama.cpp presets (llama-quantize, no imatrix)"),
               "edgellm": ("tab:blue", "o", "edgellm (calibrated importance matrix)"),
-              "edgellm mixed": ("tab:red", "*", "edgellm --target-size (per-tensor types)")}
+              "edgellm mixed": ("tab:red", "*", "edgellm --target-size (per-tensor types)"),
+              "edgellm+gptq": ("tab:green", "D", "edgellm + GPTQ rounding (same types)"),
+              "edgellm mixed+gptq": ("tab:purple", "P", "edgellm --target-size with GPTQ options")}
     for variant in styles:
         pts = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["bytes"])
         if not pts:

@@ -41,6 +41,10 @@ from .output import emit_json, err, human_bytes, out, stage_progress
 @click.option("--calib-tokens", type=int, default=None,
               help="Calibration tokens to use [default: 2048 for GGUF, 4096 for ONNX].")
 @click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix (like plain llama-quantize).")
+@click.option("--gptq/--no-gptq", "gptq", default=None,
+              help="GGUF: also round blocks with GPTQ from the calibration Gram matrices and keep, per tensor, the "
+                   "lower measured output error [default: on with --target-size/--target-bpw/--recipe, off for a "
+                   "preset].")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @threads_option("Quantizer threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -49,7 +53,8 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
             recipe: Path | None, do_eval: bool, fmt: str, context: int | None, flavour: str, to: str,
             calib: Path | None,
             calib_tokens: int | None,
-            no_imatrix: bool, force: bool, threads: int | None, as_json: bool, **shrink) -> None:
+            no_imatrix: bool, force: bool, threads: int | None, as_json: bool, gptq: bool | None = None,
+            **shrink) -> None:
     """Convert a model — a Hugging Face directory (Llama, SmolLM2, Qwen2, Mistral) or a GGUF file
     (dequantized, then requantized) — into a quantized GGUF, or a GGUF back into a HF directory.
 
@@ -104,10 +109,11 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
         res = convert(source, output, quant=quant, to=to, calib_text=text, imatrix=not no_imatrix,
                       calib_tokens=calib_tokens, threads=threads, progress=report,
                       target_size=parse_size(target_size) if target_size else None, target_bpw=target_bpw,
-                      recipe=recipe, eval_text=heldout_text() if do_eval else None, transform=transform)
+                      recipe=recipe, eval_text=heldout_text() if do_eval else None, transform=transform, gptq=gptq)
     summary = {**res.to_dict(), **notes, "settings": {"quant": quant.upper(), "to": to, "imatrix": not no_imatrix,
                                              "calib": str(calib) if calib else "built-in", "calib_tokens": calib_tokens,
-                                             "threads": threads or "all"}}
+                                             "threads": threads or "all",
+                                             "gptq": "auto" if gptq is None else gptq}}
     if as_json:
         emit_json(summary)
         return
@@ -116,6 +122,10 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
               f"{', ' + res.quant if res.quant else ''}, {res.seconds:.1f} s ({stages})")
     err.print(f"[dim]settings: quant={quant.upper()} to={to} imatrix={not no_imatrix} "
               f"calib={calib or 'built-in'} calib_tokens={calib_tokens} (used {res.imatrix_tokens})[/dim]")
+    if res.gptq:
+        g = res.gptq
+        err.print(f"GPTQ: {g['tensors_gptq']} tensors rounded by edgellm, {g['tensors_llama_cpp']} kept llama.cpp's "
+                  f"blocks; summed output error {g['error_ratio']:.2f}× llama.cpp's ({g['seconds']:.1f} s)")
     if res.fallbacks:
         n = sum(res.fallbacks.values())
         err.print(f"[yellow]note:[/yellow] {n} tensors have rows that are not a multiple of 256, so {res.quant}'s "

@@ -24,9 +24,10 @@ from .output import emit_json, err, out, training_bar
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def command(student: str, teacher: str, output: Path, minutes: float | None, train_tokens: int | None,
             text_file: Path | None, loss: str, temperature: float, lr: float, top_k: int, gen_tokens: int,
-            work_dir: Path | None, out_type: str, to: str, no_eval: bool, force: bool, threads: int | None,
-            as_json: bool) -> None:
-    """Distillation: STUDENT (e.g. from `edgellm prune`) is trained on CPU to match the TEACHER's
+            work_dir: Path | None, device: str, out_type: str, to: str, no_eval: bool, force: bool,
+            threads: int | None, as_json: bool) -> None:
+    """Distillation: STUDENT (e.g. from `edgellm prune`) is trained (on a CUDA GPU in bf16 when torch sees
+    one, else on the CPU; --device) to match the TEACHER's
     next-token distribution (forward KL with temperature; --loss rkl/skl for reverse or skew KL). The
     teacher's top-k logits are computed once in llama.cpp and cached. Without --text, the training text
     is the calibration text plus continuations the teacher samples (sequence-level KD); the held-out
@@ -46,7 +47,7 @@ def command(student: str, teacher: str, output: Path, minutes: float | None, tra
 
     if output.exists() and not force:
         raise UsageError(f"{output} exists; pass --force to replace it")
-    cfg = distill_config(minutes, train_tokens, loss, temperature, lr, threads)
+    cfg = distill_config(minutes, train_tokens, loss, temperature, lr, threads, device)
     cfg.check()
     ref = store.resolve(student)
     ckpt = read_checkpoint(ref.path, ref.kind)
@@ -58,7 +59,7 @@ def command(student: str, teacher: str, output: Path, minutes: float | None, tra
     report = {**report, "student": str(ref.path), "output": str(output),
               "settings": {"minutes": cfg.minutes, "tokens": cfg.tokens, "loss": loss, "temperature": temperature,
                            "lr": lr, "top_k": top_k, "gen_tokens": gen_tokens, "text": str(text_file or "default"),
-                           "type": out_type, "to": to}}
+                           "type": out_type, "to": to, "device": report["training"]["device"]}}
     if as_json:
         emit_json(report)
         return
