@@ -9,13 +9,12 @@ memory: a random-weight Llama checkpoint of ≥ 1B parameters (BF16 safetensors)
   --quant Q4_K_M` in a fresh process; its peak RSS (VmHWM) against 2 × the largest tensor (F32) plus the
   quantizer's output buffers. Memory must not grow with the model.
 
-    python benchmarks/convert_cost.py --rounds 3 --out benchmarks/out/convert_cost.json
+    python benchmarks/convert_cost.py --rounds 3          # writes benchmarks/out/convert_cost.json
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import benchmeta  # noqa: E402
 from llama_bench import _download_sdist, _extract_llama_cpp, installed_version  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -151,9 +151,9 @@ def peak_memory(model: Path, work: Path, threads: int, calib_tokens: int) -> dic
     # the issue's bound: 2 × the largest tensor (F32) plus output buffers — the quantized copy of that
     # tensor, at most Q8_0's 8.5 bits per weight
     bound = 2 * largest_f32 + int(largest * 8.5 / 8)
-    return {"params": n_params, "largest_tensor_f32_mb": round(largest_f32 / 1e6, 1), "peak_rss_mb": round(peak / 1e6, 1),
-            "bound_mb": round(bound / 1e6, 1), "output_mb": round(out_bytes / 1e6, 1),
-            "seconds": round(time.perf_counter() - t, 1), "pass": peak <= bound}
+    return {"params": n_params, "largest_tensor_f32_mb": round(largest_f32 / 1e6, 1),
+            "peak_rss_mb": round(peak / 1e6, 1), "bound_mb": round(bound / 1e6, 1),
+            "output_mb": round(out_bytes / 1e6, 1), "seconds": round(time.perf_counter() - t, 1), "pass": peak <= bound}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,20 +165,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-memory", action="store_true", help="only the timing comparison")
     ap.add_argument("--skip-time", action="store_true", help="only the memory measurement")
     ap.add_argument("--workdir", type=Path, default=OUT / "convert-work")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=benchmeta.out_path("convert_cost"))
     args = ap.parse_args(argv)
     from edgellm import store
 
     model = args.model or store.resolve("smollm2-135m").path
     args.workdir.mkdir(parents=True, exist_ok=True)
+    benchmeta.start()
     result = {} if args.skip_time else {"time": time_rounds(model, args.workdir, args.rounds, args.threads)}
     if not args.skip_memory:
         result["memory"] = peak_memory(model, args.workdir, args.threads, args.calib_tokens)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    print(benchmeta.save(result, args.out, "convert_cost.py", argv))
 
 
 if __name__ == "__main__":

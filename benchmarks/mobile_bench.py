@@ -10,11 +10,14 @@ host build of the llama.cpp version the app ships; TTFT = putting the system pro
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchmeta  # noqa: E402
 
 SYSTEM = ("You are the guide of a small science museum. Visitors ask about the exhibits: the Foucault pendulum, "
           "the Tesla coil, the meteorite collection and the planetarium. Answer in one or two friendly sentences, "
@@ -61,7 +64,9 @@ def main() -> None:
     ap.add_argument("--onnx", type=Path, help="an edgellm ONNX export of the default model [default: export one]")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=benchmeta.out_path("mobile_bench"))
     args = ap.parse_args()
+    benchmeta.start()
     with tempfile.TemporaryDirectory(prefix="mobile-bench-") as t:
         work = Path(t)
         onnx = args.onnx
@@ -71,7 +76,7 @@ def main() -> None:
             _log("exporting the default model to ONNX (int4) ...")
             onnx = Path(convert_to_onnx("smollm2-135m", work / "onnx").output)
         result = {"apk": apk_figures(onnx, work), "shipped_state": ttft_figures(work, args.runs, args.threads)}
-    print(json.dumps(result, indent=2))
+    print(benchmeta.save(result, args.out, "mobile_bench.py"))
 
 
 if __name__ == "__main__":

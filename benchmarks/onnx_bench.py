@@ -1,12 +1,16 @@
 """ONNX export and runtime against its anchors, in one run: parity with llama.cpp F32, operator fusion
 (nodes and decode speed, fused vs the unfused graph: the portable decompositions with the same 4-bit
-MatMulNBits matrices; F32 is reported too but is bound by memory bandwidth, not by operators), and edgellm's calibrated int4 against
-onnxruntime-genai's own model builder (`-p int4 -e cpu`) and llama.cpp Q4_0 — decode tok/s with the
-same threads, interleaved round by round, size, and KL divergence to the F32 model on held-out text.
-Prints JSON with a pass/fail per target.
+MatMulNBits matrices; F32 is reported too but is bound by memory bandwidth, not by operators), and edgellm's
+calibrated int4 against onnxruntime-genai's own model builder and llama.cpp Q4_0 — decode tok/s with the
+same threads, interleaved round by round, size, and KL divergence to the F32 model on held-out text. The
+builder runs at its defaults (`-p int4 -e cpu`: round-to-nearest, blocks of 32) and at the settings its
+current release offers for quality: block_size=64, algo_config=k_quant (llama.cpp-style k-quant rounding)
+and k_quant_mixed (k-quant with the last MatMul and the most sensitive layers in int8) — see BUILDERS;
+every variant is timed in onnxruntime-genai's own C++ loop. Prints JSON with a pass/fail per target,
+against the defaults and against the best variant.
 
     pip install onnxruntime-genai          # the anchor (and torch + transformers, which its builder needs)
-    python benchmarks/onnx_bench.py --threads 2 --rounds 3 --out /tmp/onnx_bench.json
+    python benchmarks/onnx_bench.py --threads 2 --rounds 3
 
 Artifacts are built once under --work (default benchmarks/out/onnx) and reused; --fresh rebuilds them.
 """
@@ -24,6 +28,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchmeta import out_path, save, start  # noqa: E402
+
 PROMPT = "The three most important things to know about growing tomatoes are"
 TARGETS = (  # key, description, "min"/"max", bound
     ("parity_cosine_min", "F32 ONNX vs llama.cpp F32 logits, worst cosine", "min", 0.9999),
@@ -33,7 +41,20 @@ TARGETS = (  # key, description, "min"/"max", bound
     ("int4_decode_vs_builder", "edgellm int4 / builder int4 (in onnxruntime-genai) decode tok/s", "min", 1.0),
     ("int4_kld_vs_builder", "edgellm int4 KLD / builder int4 KLD", "max", 0.75),
     ("int4_size_vs_builder", "edgellm int4 size / builder int4 size", "max", 1.0),
+    ("int4_decode_vs_fastest_builder", "edgellm int4 / the fastest builder variant (in onnxruntime-genai) decode tok/s",
+     "min", 1.0),
+    ("int4_kld_vs_best_builder", "edgellm int4 KLD / the builder variant with the lowest KLD", "max", 0.75),
 )
+
+
+# onnxruntime-genai builder variants: name -> --extra_options (on top of `-p int4 -e cpu`)
+BUILDERS = {
+    "builder": [],                                                     # its defaults: RTN, blocks of 32
+    "builder_b64": ["block_size=64"],
+    "builder_kquant": ["algo_config=k_quant"],
+    "builder_kquant_b64": ["algo_config=k_quant", "block_size=64"],
+    "builder_kquant_mixed": ["algo_config=k_quant_mixed"],
+}
 
 
 def _log(msg: str) -> None:
@@ -65,17 +86,22 @@ def prepare(work: Path, threads: int, fresh: bool) -> dict[str, Path]:
         _log("F32 GGUF"), convert(src, p["f32_gguf"], quant="F32")
     if not p["q4_0"].exists():  # llama.cpp's own Q4_0, as llama-quantize makes it (no importance matrix)
         _log("llama.cpp Q4_0"), convert(src, p["q4_0"], quant="Q4_0", imatrix=False)
-    if not p["builder"].exists():
-        if not p["hf"].exists():
-            _log("HF directory for the builder"), convert(src, p["hf"], to="hf")
-        _log("onnxruntime-genai model builder, -p int4 -e cpu")
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(p["hf"]), "-o",
-                        str(p["builder"]), "-p", "int4", "-e", "cpu", "-c", str(work / "hf-cache")],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    genai = p["builder"] / "genai_config.json"
-    cfg = json.loads(genai.read_text())
-    cfg["model"]["decoder"]["session_options"].update(intra_op_num_threads=threads, inter_op_num_threads=1)
-    genai.write_text(json.dumps(cfg, indent=2))
+    for key, extra in BUILDERS.items():
+        p[key] = p.get(key) or work / key.replace("_", "-")
+        if not p[key].exists():
+            if not p["hf"].exists():
+                _log("HF directory for the builder"), convert(src, p["hf"], to="hf")
+            _log(f"onnxruntime-genai model builder, -p int4 -e cpu {' '.join(extra)}")
+            proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(p["hf"]), "-o",
+                                   str(p[key]), "-p", "int4", "-e", "cpu", "-c", str(work / "hf-cache"),
+                                   *(["--extra_options", *extra] if extra else [])],
+                                  check=False, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the builder failed for {key}:\n{(proc.stdout + proc.stderr)[-2000:]}")
+        genai = p[key] / "genai_config.json"
+        cfg = json.loads(genai.read_text())
+        cfg["model"]["decoder"]["session_options"].update(intra_op_num_threads=threads, inter_op_num_threads=1)
+        genai.write_text(json.dumps(cfg, indent=2))
     ckpt, weights = None, None
     for key, flavour, quant in (("fused_f32", "fused", "f32"), ("portable_f32", "portable", "f32"),
                                 ("int4", "fused", "int4"), ("int4_mixed", "fused", "int4-mixed"),
@@ -121,7 +147,7 @@ def nodes(p: dict[str, Path]) -> dict[str, Any]:
     from edgellm.converters.onnx_inspect import inspect_onnx
 
     out = {}
-    for key in ("fused_f32", "portable_f32", "fused_q4", "unfused_q4", "int4", "builder"):
+    for key in ("fused_f32", "portable_f32", "fused_q4", "unfused_q4", "int4", *BUILDERS):
         info = inspect_onnx(p[key])
         out[key] = {"nodes": info["nodes"], "ops": info["ops"], "weight_bytes": info["weight_bytes"]}
     return out
@@ -173,17 +199,19 @@ class _GenaiDecoder:
         del self.model
 
 
+GENAI_RUNNERS = tuple(f"{b}_in_genai" for b in BUILDERS)       # each builder variant in onnxruntime-genai's loop
 RUNNERS = ("fused_f32", "portable_f32", "fused_q4", "unfused_q4", "int4", "int4_mixed", "builder_in_edgellm",
-           "builder_in_genai", "llama_q4_0")
+           *GENAI_RUNNERS, "llama_q4_0")
 RATIOS = {"fused_vs_unfused_q4": ("fused_q4", "unfused_q4"), "fused_vs_unfused_f32": ("fused_f32", "portable_f32"),
-          "int4_vs_builder_in_genai": ("int4", "builder_in_genai"),
           "int4_vs_builder_same_loop": ("int4", "builder_in_edgellm"), "int4_vs_llama_q4_0": ("int4", "llama_q4_0"),
-          "int4_mixed_vs_builder_in_genai": ("int4_mixed", "builder_in_genai")}
+          "int4_mixed_vs_builder_in_genai": ("int4_mixed", "builder_in_genai"),
+          **{f"int4_vs_{r}": ("int4", r) for r in GENAI_RUNNERS}}
 
 
 def _decoder_process(conn, path: str | None, builder: str, threads: int, n_gen: int) -> None:
     """One runner in its own process, as a user runs one model per process. With every runner loaded in
-    one process, each measured ~25 % slower at 1 thread here (~88 vs ~115 tok/s). Waits for 'decode n' requests."""
+    one process, each measured ~25 % slower at 1 thread here (~88 vs ~115 tok/s). Waits for 'decode n' requests.
+    `path` None: the builder output at `builder`, in onnxruntime-genai's own loop."""
     if path is None:
         dec: Any = _GenaiDecoder(Path(builder))
         dec.edgellm_tg(8)  # warm-up (SpeedBench warms itself up)
@@ -207,7 +235,7 @@ def speed(p: dict[str, Path], threads: int, rounds: int, n_gen: int,
 
     paths = {"fused_f32": p["fused_f32"], "portable_f32": p["portable_f32"], "fused_q4": p["fused_q4"],
              "unfused_q4": p["unfused_q4"], "int4": p["int4"], "int4_mixed": p["int4_mixed"],
-             "builder_in_edgellm": p["builder"], "builder_in_genai": None, "llama_q4_0": p["q4_0"]}
+             "builder_in_edgellm": p["builder"], "llama_q4_0": p["q4_0"], **{r: None for r in GENAI_RUNNERS}}
     ctx = mp.get_context("spawn")
     conns, procs = {}, []
     reps: dict[str, list[float]] = {k: [] for k in names}
@@ -216,7 +244,8 @@ def speed(p: dict[str, Path], threads: int, rounds: int, n_gen: int,
         for k in names:
             conns[k], child = ctx.Pipe()
             path = None if paths[k] is None else str(paths[k])
-            procs.append(ctx.Process(target=_decoder_process, args=(child, path, str(p["builder"]), threads, n_gen),
+            builder = p[k.removesuffix("_in_genai")] if k in GENAI_RUNNERS else p["builder"]
+            procs.append(ctx.Process(target=_decoder_process, args=(child, path, str(builder), threads, n_gen),
                                      daemon=True))
             procs[-1].start()
             if conns[k].recv() != "ready":  # loaded one at a time: loading does not overlap a timing
@@ -242,7 +271,7 @@ def quality(p: dict[str, Path], threads: int, chunks: int) -> dict[str, Any]:
     from edgellm.texts import heldout_text
 
     out = {}
-    for key in ("int4", "int4_mixed", "builder", "q4_0"):
+    for key in ("int4", "int4_mixed", *BUILDERS, "q4_0"):
         _log(f"KLD of {key} to F32 on held-out text")
         r = evaluate(p[key], p["f32_gguf"], heldout_text(), ctx=512, threads=threads, max_chunks=chunks)
         out[key] = {"mean_kld": r.mean_kld, "p99_kld": r.p99_kld, "top1": r.top1_agreement, "ppl": r.perplexity,
@@ -258,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=8, help="512-token held-out chunks for KLD")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "out" / "onnx")
     ap.add_argument("--fresh", action="store_true", help="rebuild every artifact")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=out_path("onnx_bench"))
     ap.add_argument("--parts", default="parity,nodes,speed,quality",
                     help="comma-separated subset of parity,nodes,speed,quality (targets of the others are skipped)")
     ap.add_argument("--runners", default=",".join(RUNNERS),
@@ -270,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     names = tuple(args.runners.split(","))
     if not parts <= {"parity", "nodes", "speed", "quality"} or not set(names) <= set(RUNNERS):
         ap.error(f"--parts takes parity,nodes,speed,quality; --runners takes {','.join(RUNNERS)}")
+    start()
     p = prepare(args.work, args.threads, args.fresh)
     par = nod = spd = qual = None
     if "parity" in parts:
@@ -286,19 +316,25 @@ def main(argv: list[str] | None = None) -> int:
         "int4_decode_vs_builder": ratio("int4_vs_builder_in_genai"),
         "int4_kld_vs_builder": qual and qual["int4"]["mean_kld"] / qual["builder"]["mean_kld"],
         "int4_size_vs_builder": qual and qual["int4"]["bytes"] / qual["builder"]["bytes"],
+        "int4_decode_vs_fastest_builder": min((v for k, v in ((spd or {}).get("ratios") or {}).items()
+                                               if k.startswith("int4_vs_builder") and k.endswith("_in_genai")
+                                               and v is not None), default=None),
+        "int4_kld_vs_best_builder": qual and qual["int4"]["mean_kld"] / min(qual[b]["mean_kld"] for b in BUILDERS),
     }
+    best = {"fastest_builder": min((k.removeprefix("int4_vs_").removesuffix("_in_genai") for k, v in
+                                    ((spd or {}).get("ratios") or {}).items() if k.startswith("int4_vs_builder")
+                                    and k.endswith("_in_genai") and v is not None),
+                                   key=lambda b: spd["ratios"][f"int4_vs_{b}_in_genai"], default=None),
+            "lowest_kld_builder": qual and min(BUILDERS, key=lambda b: qual[b]["mean_kld"])}
     targets = {k: {"what": what, "value": figures[k], "bound": f"{'≥' if how == 'min' else '≤'} {bound}",
                    "met": figures[k] >= bound if how == "min" else figures[k] <= bound}
                for k, what, how, bound in TARGETS if figures[k] is not None}
     import onnxruntime
     result = {"threads": args.threads, "rounds": args.rounds, "n_gen": args.gen, "kld_chunks": args.chunks,
-              "parts": sorted(parts),
+              "parts": sorted(parts), "builder_variants": BUILDERS, "best_builder": best,
               "onnxruntime": onnxruntime.__version__, "parity": par, "nodes": nod, "speed": spd, "quality": qual,
               "targets": targets}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    print(save(result, args.out, "onnx_bench.py", argv))
     return 0 if all(t["met"] for t in targets.values()) else 1
 
 

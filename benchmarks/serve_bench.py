@@ -6,12 +6,17 @@ ratios. Prints JSON: single-client and 8-client decode tok/s, their ratio (targe
 tok/s, p50/p95 time to first token (8 clients), and whether every request completed. (Isolation and
 equality with single-client answers are tests, tests/test_serve.py.)
 
-    flock /tmp/edgellm-heavy.lock python benchmarks/serve_bench.py --clients 8 --max-tokens 128 --rounds 5
+The second anchor is llama.cpp's own `llama-server`, built from the llama.cpp llama-cpp-python vendors
+(benchmarks/llama_tools.py) and run on the wheel's libraries, with the same model, threads, slots
+(`--parallel`), context per slot and flash attention setting (off, edgellm's CPU default). Both servers run
+side by side and the phases of the two alternate within each round (order reversed every other round), so
+the ratios of aggregate tok/s and TTFT percentiles compare the same moments of a shared machine.
+
+    python benchmarks/serve_bench.py --clients 8 --max-tokens 128 --rounds 5
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -20,8 +25,14 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchmeta  # noqa: E402
 
 TARGET = 0.9
+TARGET_VS_LLAMA_SERVER = 0.9   # edgellm serve's aggregate decode tok/s / llama-server's, same run
 TOPICS = ["a dragon", "the sea", "a robot", "a lighthouse", "a mountain village", "a space station", "a baker",
           "a lost cat", "a river", "a clockmaker", "a desert", "a library"]
 
@@ -36,8 +47,9 @@ def start(model: str | None, parallel: int, mode: str, threads: int, n_ctx: int)
     port = _port()
     cmd = [sys.executable, "-m", "edgellm.cli", "serve", *([model] if model else []), "--port", str(port),
            "--parallel", str(parallel), "--ctx", str(n_ctx), "--threads", str(threads), "--queue", "64"]
+    # EDGELLM_OPTIMIZE=0: serve the GGUF itself through llama.cpp, the model llama-server is given
     proc = subprocess.Popen(cmd + [f"--{mode}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "EDGELLM_API_KEY": ""})
+                            env={**os.environ, "EDGELLM_API_KEY": "", "EDGELLM_OPTIMIZE": "0"})
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 120
     while True:
@@ -50,6 +62,28 @@ def start(model: str | None, parallel: int, mode: str, threads: int, n_ctx: int)
             time.sleep(0.1)
 
 
+def start_llama_server(model: str, parallel: int, threads: int, n_ctx: int) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's llama-server on the same model, threads, slots and per-slot context (flash attention off,
+    as edgellm runs on a CPU); returns the process and its base URL once /health answers."""
+    from llama_tools import ensure_llama_tools, tool_env
+
+    exe = ensure_llama_tools()["llama-server"]
+    port = _port()
+    cmd = [str(exe), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-tb", str(threads),
+           "--parallel", str(parallel), "-c", str(n_ctx * parallel), "-fa", "off", "--no-webui", "-ngl", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=tool_env(exe))
+    url = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1).close()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"llama-server did not start: {proc.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.1)
+
+
 def one(client, topic: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     first = last = None
@@ -57,7 +91,7 @@ def one(client, topic: str, max_tokens: int) -> dict:
     stream = client.chat.completions.create(
         model=client.model_id, messages=[{"role": "user", "content": f"Write a long story about {topic}."}],
         max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True})
-    reason = None
+    reason, chunks = None, 0
     for chunk in stream:
         now = time.perf_counter()
         if chunk.usage:
@@ -66,8 +100,10 @@ def one(client, topic: str, max_tokens: int) -> dict:
             if c.delta.content:
                 first = first or now
                 last = now
+                chunks += 1
                 pieces.append(c.delta.content)
             reason = c.finish_reason or reason
+    n = n or chunks   # a server that sends no usage: one content chunk per token (both servers stream so)
     return {"topic": topic, "tokens": n, "ttft_s": (first or time.perf_counter()) - t0, "t0": t0,
             "first": first, "last": last, "text": "".join(pieces), "complete": reason in ("stop", "length")}
 
@@ -82,7 +118,8 @@ def phase(client, topics: list[str], max_tokens: int, concurrent: bool) -> dict:
     wall = time.perf_counter() - t0
     tokens = sum(r["tokens"] for r in runs)
     if concurrent:  # aggregate: all tokens after the first ones, from the first client's first token to the last end
-        decode = sum(r["tokens"] - 1 for r in runs) / max(1e-9, max(r["last"] for r in runs) - min(r["first"] for r in runs))
+        span = max(r["last"] for r in runs) - min(r["first"] for r in runs)
+        decode = sum(r["tokens"] - 1 for r in runs) / max(1e-9, span)
     else:
         decode = sum(r["tokens"] - 1 for r in runs) / sum(r["last"] - r["first"] for r in runs)
     ttft = sorted(r["ttft_s"] for r in runs)
@@ -124,7 +161,69 @@ def run(model: str | None, clients: int, max_tokens: int, threads: int, n_ctx: i
             "distinct_answers": f"{distinct}/{clients}"}
 
 
-def main() -> None:
+def _summary(pairs: list[tuple[dict, dict]], clients: int) -> dict:
+    med = statistics.median
+    return {"single_decode_tps": med(s["decode_tps"] for s, _ in pairs),
+            "concurrent_decode_tps": med(m["decode_tps"] for _, m in pairs),
+            "decode_ratio": round(med(m["decode_tps"] / s["decode_tps"] for s, m in pairs), 3),
+            "ttft_p50_s": med(m["ttft_p50_s"] for _, m in pairs), "ttft_p95_s": med(m["ttft_p95_s"] for _, m in pairs),
+            "single_ttft_p50_s": med(s["ttft_p50_s"] for s, _ in pairs),
+            "all_completed": all(m["completed"] == clients for _, m in pairs)}
+
+
+def against_llama_server(model: str | None, clients: int, max_tokens: int, threads: int, n_ctx: int,
+                         rounds: int) -> dict:
+    """edgellm serve (default, batched) and llama-server side by side: per round, one client then `clients`
+    at once on each, the two servers' order reversed every other round; per-round ratios."""
+    import openai
+
+    from edgellm import store
+
+    path = str(store.resolve(model).path if model else store.pull(quiet=True))
+    procs, clients_by = [], {}
+    try:
+        for name, starter in (("edgellm", lambda: start(path, clients, "batch", threads, n_ctx)),
+                              ("llama-server", lambda: start_llama_server(path, clients, threads, n_ctx))):
+            proc, url = starter()
+            procs.append(proc)
+            c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+            c.model_id = c.models.list().data[0].id
+            one(c, "warm-up", 8)
+            clients_by[name] = c
+        topics = TOPICS[:clients]
+        runs: dict[str, list[tuple[dict, dict]]] = {"edgellm": [], "llama-server": []}
+        for r in range(rounds):
+            for name in (("edgellm", "llama-server") if r % 2 == 0 else ("llama-server", "edgellm")):
+                c = clients_by[name]
+                runs[name].append((phase(c, topics[:2], max_tokens, concurrent=False),
+                                   phase(c, topics, max_tokens, concurrent=True)))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+    for pairs in runs.values():
+        for single, multi in pairs:
+            single.pop("texts"), multi.pop("texts")
+    med = statistics.median
+    e, ls = runs["edgellm"], runs["llama-server"]
+    ratios = {
+        "concurrent_decode": round(med(a[1]["decode_tps"] / b[1]["decode_tps"] for a, b in zip(e, ls)), 3),
+        "single_decode": round(med(a[0]["decode_tps"] / b[0]["decode_tps"] for a, b in zip(e, ls)), 3),
+        "concurrent_end_to_end": round(med(a[1]["end_to_end_tps"] / b[1]["end_to_end_tps"] for a, b in zip(e, ls)), 3),
+        "ttft_p50": round(med(a[1]["ttft_p50_s"] / b[1]["ttft_p50_s"] for a, b in zip(e, ls)), 3),
+        "ttft_p95": round(med(a[1]["ttft_p95_s"] / b[1]["ttft_p95_s"] for a, b in zip(e, ls)), 3),
+    }
+    return {"clients": clients, "max_tokens": max_tokens, "threads": threads, "ctx_per_slot": n_ctx,
+            "edgellm": {**_summary(e, clients), "rounds": e},
+            "llama_server": {"mode": "llama-server", "clients": clients, **_summary(ls, clients), "rounds": ls,
+                             "flags": f"-t {threads} --parallel {clients} -c {n_ctx * clients} -fa off"},
+            "ratios": ratios,
+            "target": {"what": "edgellm serve aggregate decode tok/s / llama-server's (same run)",
+                       "bound": f"≥ {TARGET_VS_LLAMA_SERVER}", "value": ratios["concurrent_decode"],
+                       "pass": ratios["concurrent_decode"] >= TARGET_VS_LLAMA_SERVER}}
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--clients", type=int, default=8)
@@ -133,13 +232,23 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024, help="per slot")
     ap.add_argument("--modes", default="batch,exact", help="serve's --batch (the default) and/or --exact")
     ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--no-llama-server", action="store_true", help="skip the llama-server comparison")
+    ap.add_argument("--out", type=Path, default=benchmeta.out_path("serve_bench"))
+    args = ap.parse_args(argv)
+    benchmeta.start()
     rows = [run(args.model, args.clients, args.max_tokens, args.threads, args.ctx, mode, args.rounds)
             for mode in args.modes.split(",")]
     default = next((r for r in rows if r["mode"] == "batch"), None)
-    print(json.dumps({"target_decode_ratio": TARGET, "runs": rows,
-                      "target_met_by_default": None if default is None else
-                      default["decode_ratio"] >= TARGET and default["all_completed"]}, indent=2))
+    result = {"target_decode_ratio": TARGET, "runs": rows,
+              "target_met_by_default": None if default is None else
+              default["decode_ratio"] >= TARGET and default["all_completed"]}
+    if not args.no_llama_server:
+        vs = against_llama_server(args.model, args.clients, args.max_tokens, args.threads, args.ctx, args.rounds)
+        result["llama_server"] = vs["llama_server"]
+        result["edgellm_beside_llama_server"] = vs["edgellm"]
+        result["vs_llama_server"] = vs["ratios"]
+        result["vs_llama_server_target"] = vs["target"]
+    print(benchmeta.save(result, args.out, "serve_bench.py", argv))
 
 
 if __name__ == "__main__":

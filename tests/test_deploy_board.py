@@ -26,6 +26,7 @@ import emulated_board as eb  # noqa: E402
 from deploy_fixtures import QUESTION, SYSTEM_PROMPT, free_port  # noqa: E402
 
 from edgellm.deploy import units  # noqa: E402
+from edgellm.gguf_check import validate_gguf  # noqa: E402
 
 HOME = "/home/pi"
 MAX_TOKENS = 16
@@ -74,6 +75,19 @@ def _chat(port: int, timeout: float) -> dict:
 
 def _ask(port: int, timeout: float) -> str:
     return _chat(port, timeout)["choices"][0]["message"]["content"]
+
+
+def _group_rss(pgid: int) -> int:
+    """Resident bytes of every process in a process group (proot, qemu-aarch64 and the emulated worker)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:         # the fields after the command: state, ppid, pgrp, ..., rss (22nd)
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -175,10 +189,17 @@ def test_bundle_installs_serves_and_answers_on_an_emulated_pi(board, pi_bundle):
     client = None
     try:
         _wait_port(worker_port, worker, 120)
+        idle_rss = _group_rss(worker.pid)
         client = subprocess.Popen([*host_argv[:host_argv.index("--port")], "--port", str(client_port), "--ctx",
                                    str(spec.n_ctx), "--parallel", "1", "--rpc", f"127.0.0.1:{worker_port}"],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         _wait_health(client_port, client, 300)
+        # the emulated worker really holds the layers (a silently ignored --rpc would leave it idle): llama.cpp
+        # sent it every blk.* tensor, so its processes grew by at least that much
+        layers = sum(t.n_bytes for t in validate_gguf(pi_bundle.model).tensors if t.name.startswith("blk."))
+        grown = _group_rss(worker.pid) - idle_rss
+        print(f"emulated RPC worker grew by {grown / 2**20:.1f} MiB (layers: {layers / 2**20:.1f} MiB)")
+        assert grown >= 0.9 * layers, (grown, layers)
         t0 = time.monotonic()
         assert _ask(client_port, 400) == expected
         print(f"x86 server + emulated aarch64 RPC worker: same answer in {time.monotonic() - t0:.0f} s")
