@@ -213,6 +213,16 @@ class CoreMLBackend:
         self._last = parts[-1][-1]
         return np.concatenate(parts)
 
+    def eval_rows(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append a few tokens with logits for every one of them (speculative verification)."""
+        return self.eval_all_logits(tokens)
+
+    def accept_tokens(self, tokens: Sequence[int]) -> None:
+        """Tokens chosen outside the sampler (speculative verification) join its penalty window."""
+        if self._sampler is not None:
+            for tok in tokens:
+                self._sampler.accept(tok)
+
     def reset_sampler(self, config: SamplerConfig, history: Sequence[int] = ()) -> None:
         self._sampler = NumpySampler(config, history)
 
