@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": ".runtime", "Session": ".session", "Conversation": ".session", "Completion": ".session",
     "Stats": ".session", "SamplerConfig": ".runtimes.base", "GREEDY": ".runtimes.base",
+    "SpeculationConfig": ".speculate",
     "pull": ".store", "DEFAULT_ALIAS": ".store",
     # converting (the `convert` extra): GGUF quantization, ONNX and Core ML export, pruning, distillation
     "convert": ".converters.pipeline", "export_onnx": ".converters.onnx_export:convert_to_onnx",

@@ -15,6 +15,7 @@ from .errors import UnsupportedModelError, UsageError
 from .memplan import KV_BYTES, kv_cache_bytes  # noqa: F401 - re-exported: the planner owns the estimate
 from .runtimes.base import SamplerConfig
 from .session import Session, open_session  # noqa: F401 - open_session: kept importable from here
+from .speculate import SpeculationConfig, speculation_from
 
 
 def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n_ctx: int = 4096,
@@ -22,7 +23,8 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
          disk_cache: bool | str | os.PathLike[str] = True, memory_cache_mb: int = 512,
          prompt_state: str | os.PathLike[str] | None = None, sampler: SamplerConfig | None = None,
          check_memory: bool = True, parallel: int = 1, rpc: str | Sequence[str] | None = None,
-         optimize: bool = False, backend: str | None = None, quality: str = "balanced") -> Session:
+         optimize: bool = False, backend: str | None = None, quality: str = "balanced",
+         speculate: bool | SpeculationConfig = True) -> Session:
     """Load a model (store alias, GGUF path, ONNX directory, .mlpackage; default: the embedded
     SmolLM2-135M) for generation and chat.
 
@@ -35,11 +37,14 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
     (edgellm.runtimes.rpc). kv_type, flash_attn, parallel and rpc are llama.cpp options.
     optimize: for a GGUF file, run it the way `edgellm optimize` measured fastest on this device within the
     `quality` bound (measuring first if no decision is stored; the plan's reasons say so). backend: pin
-    'llama.cpp' or 'onnx' instead.
+    'llama.cpp' or 'onnx' instead. speculate: prompt-lookup decoding for single-sequence generation (True:
+    on, drafting only where the measured cost model says it pays; False: off; or a SpeculationConfig);
+    identical greedy output, the same sampling distribution (edgellm.speculate, docs/runtime.md).
     """
+    speculate = speculation_from(speculate)  # a bad value fails before anything loads
     ref = store.resolve(model)
     session_kw = dict(disk_cache=disk_cache, memory_cache_mb=memory_cache_mb, prompt_state=prompt_state,
-                      sampler=sampler)
+                      sampler=sampler, speculate=speculate)
     if backend not in (None, "llama.cpp", "onnx"):
         raise UsageError(f"backend must be llama.cpp or onnx, not {backend!r}")
     if ref.kind == "gguf" and backend != "llama.cpp" and (optimize or backend == "onnx"):

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from . import chat_template
+from . import speculative_loop as speculative
 from .errors import BackendError, CacheError, ContextOverflowError, EdgeLLMError, UsageError
 from .runtimes.base import GREEDY, Backend, SamplerConfig
 from .runtimes.kv_cache import DiskCache, PrefixCache, SavedState, common_prefix, read_state_file, write_state_file
+from .speculate import SpeculationConfig, speculation_from
 from .textstream import TextAssembler
 
 STASH_MIN_TOKENS = 32  # states shorter than this are cheaper to recompute than to keep
@@ -30,6 +32,8 @@ class Stats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     stop_reason: str = ""  # 'eos' | 'stop' | 'length' | 'interrupted'
+    drafted: int = 0  # prompt-lookup draft tokens verified (edgellm.speculate)
+    accepted: int = 0  # of which the model agreed with
 
     @property
     def decode_tps(self) -> float:
@@ -101,6 +105,7 @@ class Session:
     tokens: list[int] = field(default_factory=list)  # exactly what the backend's KV cache holds
     last_stats: Stats | None = None
     optimized: Any = None  # the edgellm.optimize Decision that chose this backend, when one did
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)  # prompt-lookup decoding
 
     # -- text and tokens -----------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
@@ -177,26 +182,29 @@ class Session:
         return self.stream(prompt, **kwargs).completion
 
     def stream(self, prompt: str, *, max_tokens: int = 256, stop: Sequence[str] = (),
-               sampler: SamplerConfig | None = None, **sampling: Any) -> Stream:
-        return self._start(self.tokenize(prompt), max_tokens, stop, sampler, sampling)
+               sampler: SamplerConfig | None = None, speculate: Any = None, **sampling: Any) -> Stream:
+        return self._start(self.tokenize(prompt), max_tokens, stop, sampler, sampling, speculate)
 
     def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Completion:
         """Answer the last message of a conversation given as [{'role', 'content'}, ...]."""
         return self.chat_stream(messages, **kwargs).completion
 
     def chat_stream(self, messages: list[dict[str, Any]], *, max_tokens: int = 256, stop: Sequence[str] = (),
-                    sampler: SamplerConfig | None = None, **sampling: Any) -> Stream:
-        return self._start(self.chat_tokens(messages), max_tokens, stop, sampler, sampling)
+                    sampler: SamplerConfig | None = None, speculate: Any = None, **sampling: Any) -> Stream:
+        return self._start(self.chat_tokens(messages), max_tokens, stop, sampler, sampling, speculate)
 
     def _start(self, tokens: list[int], max_tokens: int, stop: Sequence[str], sampler: SamplerConfig | None,
-               sampling: dict[str, Any]) -> Stream:
-        return Stream(self._run(tokens, max_tokens, sampler_from(sampler or self.default_sampler, sampling), stop))
+               sampling: dict[str, Any], speculate: Any = None) -> Stream:
+        """speculate: None (the session's `speculation`), True, False or a SpeculationConfig, for this call."""
+        spec = self.speculation if speculate is None else speculation_from(speculate)
+        config = sampler_from(sampler or self.default_sampler, sampling)
+        return Stream(self._run(tokens, max_tokens, config, stop, spec))
 
     def conversation(self, system: str | None = None, **defaults: Any) -> Conversation:
         return Conversation(self, system=system, defaults=defaults)
 
-    def _run(self, prompt: list[int], max_tokens: int, config: SamplerConfig,
-             stops: Sequence[str]) -> Generator[str, None, Completion]:
+    def _run(self, prompt: list[int], max_tokens: int, config: SamplerConfig, stops: Sequence[str],
+             spec: SpeculationConfig | None = None) -> Generator[str, None, Completion]:
         if max_tokens < 1:
             raise UsageError("max_tokens must be ≥ 1")
         stats = Stats(prompt_tokens=len(prompt))
@@ -210,9 +218,12 @@ class Session:
         text = TextAssembler(stops)
         out: list[int] = []
         t_first = 0.0
+        if spec is not None and spec.enabled and speculative.supported(be):
+            tokens = speculative.tokens(self, config, spec, max_tokens, stats)
+        else:
+            tokens = self._plain_tokens(config)
         try:
-            while True:
-                tok = be.sample(config)
+            for tok in tokens:
                 if not out:
                     t_first = time.perf_counter()
                     stats.ttft_s = t_first - t0
@@ -230,7 +241,11 @@ class Session:
                 if len(out) >= max_tokens:
                     stats.stop_reason = "length"
                     break
-                self._eval([tok])
+            tokens.close()  # the KV cache keeps what plain decoding leaves: each emitted token but the last
+            keep = len(prompt) + len(out) - (stats.stop_reason != "eos")  # (all of them before an EOG token)
+            if be.n_past > keep >= len(prompt):  # drafts accepted past a stop or EOG
+                be.truncate(keep)
+                del self.tokens[keep:]
             rest = text.flush()
             if rest:
                 yield rest
@@ -238,11 +253,20 @@ class Session:
             stats.stop_reason = "interrupted"
             raise
         finally:
+            tokens.close()
             stats.generated_tokens = len(out)
             stats.decode_s = time.perf_counter() - t_first if out else 0.0
             self._sync()
         self._save_to_disk()
         return Completion(text.text, out, stats)
+
+    def _plain_tokens(self, config: SamplerConfig) -> Iterator[int]:
+        """One token per evaluation; the consumer stops before the last one is evaluated."""
+        be = self.backend
+        while True:
+            tok = be.sample(config)
+            yield tok
+            self._eval([tok])
 
     # -- KV-cache management -------------------------------------------------------------------
     def _sync(self) -> None:
@@ -443,7 +467,7 @@ class Conversation:
 
 def open_session(backend: Backend, path: Path, plan: Any, *, disk_cache: bool | str | os.PathLike[str] = True,
                  memory_cache_mb: int = 512, prompt_state: str | os.PathLike[str] | None = None,
-                 sampler: SamplerConfig | None = None) -> Session:
+                 sampler: SamplerConfig | None = None, speculate: bool | SpeculationConfig = True) -> Session:
     """A Session over any backend, with the in-memory and disk KV caches and an optional shipped state.
 
     The chat-template render process starts here, so it is ready by the time the first prompt comes.
@@ -461,7 +485,8 @@ def open_session(backend: Backend, path: Path, plan: Any, *, disk_cache: bool | 
         with contextlib.suppress(OSError):
             worker().start()
     session = Session(backend, path, plan=plan, template=template, memory_cache=PrefixCache(memory_cache_mb << 20),
-                      disk_cache=disk, default_sampler=sampler or SamplerConfig())
+                      disk_cache=disk, default_sampler=sampler or SamplerConfig(),
+                      speculation=speculation_from(speculate))
     if prompt_state is not None:
         session.import_state(prompt_state)
     return session

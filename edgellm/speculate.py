@@ -31,11 +31,12 @@ from .errors import UsageError
 from .runtimes.base import SamplerConfig
 from .runtimes.sampling import distribution, penalized
 
-# Cost of one extra draft row in a verification batch, in units of a single-token step (see
-# benchmarks/speculative_bench.py --cost): measured on this project's 2-core x86 machine with the
-# default model. llama.cpp's CPU kernels read the weights once per batch; onnxruntime's MatMulNBits
-# likewise. A GPU or a larger model only makes rows cheaper, so these are conservative.
-ROW_COST = {"llama.cpp": 0.10, "onnxruntime": 0.10}
+# Cost of one extra draft row in a verification batch, in units of a single-token step, measured with
+# `python benchmarks/speculative_bench.py --cost` (median over batches of 2-9 rows, SmolLM2-135M, 2 threads,
+# this project's shared 2-core AVX-512 x86 machine, under load, 2026-12-06): llama.cpp Q4_1 0.43 (its CPU
+# batches are far from free for a model this small: a batch of 2 costs ~1.8 steps), onnxruntime
+# (transcoded f32-dequantised graph) 0.07. A larger, more bandwidth-bound model makes rows cheaper.
+ROW_COST = {"llama.cpp": 0.43, "onnxruntime": 0.07}
 DEFAULT_ROW_COST = 0.15
 
 
@@ -151,9 +152,14 @@ class Controller:
 
 
 def greedy_verify(rows: np.ndarray, draft: Sequence[int], config: SamplerConfig,
-                  history: Sequence[int]) -> tuple[int, int]:
-    """(accepted draft tokens, the next token) for greedy decoding: the model's argmax per row."""
-    if config.repeat_penalty == 1.0:
+                  history: Sequence[int], guard: float = 0.0) -> tuple[int, int | None]:
+    """(accepted draft tokens, the next token) for greedy decoding: the model's argmax per row.
+
+    guard > 0: a row whose best logit leads the runner-up by less than `guard` is too close to call
+    from a batch (its kernels differ from a single step's by up to the measured noise): stop there
+    and return (rows decided so far, None), so the token is decided by a single step instead.
+    """
+    if config.repeat_penalty == 1.0 and guard <= 0.0:
         picks = rows.argmax(axis=1)
         m = 0
         while m < len(draft) and picks[m] == draft[m]:
@@ -161,7 +167,12 @@ def greedy_verify(rows: np.ndarray, draft: Sequence[int], config: SamplerConfig,
         return m, int(picks[m])
     window = list(history)
     for m in range(len(draft) + 1):
-        pick = int(penalized(rows[m], config, window).argmax())
+        row = penalized(rows[m], config, window) if config.repeat_penalty != 1.0 else rows[m]
+        pick = int(row.argmax())
+        if guard > 0.0:
+            top2 = np.partition(row, -2)[-2:]
+            if float(top2[1] - top2[0]) < guard:
+                return m, None
         if m == len(draft) or pick != draft[m]:
             return m, pick
         window.append(pick)
@@ -212,13 +223,14 @@ class Speculator:
         k = self.control.length(len(tokens)) if tokens else 0
         return tokens[:k]
 
-    def verify(self, rows: np.ndarray, draft: Sequence[int]) -> tuple[int, int]:
-        """Rows are the logits after the context's last token and after each draft token."""
+    def verify(self, rows: np.ndarray, draft: Sequence[int], guard: float = 0.0) -> tuple[int, int | None]:
+        """Rows are the logits after the context's last token and after each draft token; the next
+        token is None where greedy_verify's guard left it to a single step."""
         c = self.sampler
         history = self.index.tokens[-c.repeat_last_n:] if c.repeat_penalty != 1.0 and c.repeat_last_n else []
         if c.greedy:
-            m, nxt = greedy_verify(rows, draft, c, history)
+            m, nxt = greedy_verify(rows, draft, c, history, guard)
         else:
             m, nxt = sampled_verify(rows, draft, c, history, self.rng)
-        self.control.update(len(draft), m)
+        self.control.update(len(draft) if nxt is not None else m, m)
         return m, nxt
