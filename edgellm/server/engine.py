@@ -253,7 +253,10 @@ class Engine:
         req.reused_tokens, req.cache_source = reuse, source if reuse else None
         slot.req, slot.pending, slot.next_token = req, req.prompt[reuse:], None
         slot.text = TextAssembler(req.stops)
-        slot.sampler = None if req.config.greedy else self.backend.make_sampler(req.config)
+        # the repetition penalty's window starts with the prompt, as in Session.generate and llama-server
+        # (a sampler without it would penalise only the tokens generated since)
+        plain_greedy = req.config.greedy and req.config.repeat_penalty == 1.0
+        slot.sampler = None if plain_greedy else self.backend.make_sampler(req.config, req.prompt)
 
     def _snapshot(self, prompt: list[int], better_than: int) -> tuple[SavedState, int] | None:
         """The stashed or pinned state sharing the longest prefix with `prompt` (if > better_than)."""
