@@ -324,6 +324,13 @@ def render_web(d: dict) -> str:
         ["target page / API ≤", num(d.get("target"))], ["meets target", verdict(d.get("meets_target"))]], "lr")
 
 
+def render_concurrency(d: dict) -> str:
+    rows = [[name, c.get("threads"), c.get("requests"), num(c.get("concurrency_1_s"), ".2f"),
+             num(c.get("concurrency_8_s"), ".2f"), num(c.get("speedup_8_vs_1"), ".2f")]
+            for name, c in d.get("cases", {}).items()]
+    return table(["case", "threads", "requests", "one at a time (s)", "8 at once (s)", "speed-up"], rows, "lrrrrr")
+
+
 def render_generic(d: dict) -> str:
     """Top-level scalar figures (and one level down) of a JSON no renderer knows yet."""
     rows = []
@@ -376,6 +383,10 @@ SECTIONS = (
             "python benchmarks/serve_bench.py --clients 8 --max-tokens 128 --rounds 5",
             "the same server with one client (2 requests in a row), and llama.cpp's own llama-server built from the "
             "vendored source on the same model, threads and slots", render_serve, "docs/serve.md"),
+    Section("concurrency_bench", "Serving: short requests, quiet and beside a busy process",
+            "python benchmarks/concurrency_bench.py",
+            "the same server answering one request at a time; pinned thread counts beside the default choice",
+            render_concurrency, "docs/reliability.md"),
     Section("memplan_accuracy", "Memory planner accuracy",
             "python benchmarks/memplan_accuracy.py --ctx 1024 2048 4096 8192 --second-shape",
             "the measured peak RSS (VmHWM) of a fresh process per context, and llama.cpp's own report of its KV "

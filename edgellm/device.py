@@ -13,6 +13,7 @@ import platform
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class DeviceProfile:
     android_sdk: int | None = None
     board: str | None = None
     soc: str | None = None
+    busy_cores: int = 0  # cores other work kept busy when probed (Linux, /proc/stat): see plan._threads
 
     def to_dict(self) -> dict:
         """JSON-ready form (tuples become lists)."""
@@ -331,6 +333,30 @@ def _run(cmd: list[str]) -> str:
         return ""
 
 
+def _cpu_times(text: str | None) -> tuple[int, int] | None:
+    """(busy, total) jiffies from the aggregate `cpu` line of /proc/stat."""
+    for line in (text or "").splitlines():
+        if line.startswith("cpu "):
+            v = [int(x) for x in line.split()[1:]]
+            idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+            total = sum(v[:8])  # guest time is already counted in user
+            return total - idle, total
+    return None
+
+
+def busy_cores(sample_s: float = 0.1, stat: Path = Path("/proc/stat")) -> int:
+    """Whole cores that other processes keep busy right now: /proc/stat sampled over `sample_s` while this
+    process sleeps (the load average would count this process's own recent work). Rounded so that a core
+    must be at least 60% busy to count."""
+    a = _cpu_times(_read(stat))
+    time.sleep(sample_s)
+    b = _cpu_times(_read(stat))
+    if not a or not b or b[1] <= a[1]:
+        return 0
+    busy = (b[0] - a[0]) / (b[1] - a[1]) * (os.cpu_count() or 1)
+    return int(busy + 0.4)
+
+
 @functools.cache
 def probe() -> DeviceProfile:
     """The live device, probed once per process; never raises for missing files or tools."""
@@ -343,6 +369,8 @@ def probe() -> DeviceProfile:
         prof = DeviceProfile(system.lower(), _normalise_arch(machine), platform.processor() or machine, (),
                              0, 0, 0, 0, 0, 0)
     n = os.cpu_count() or 1
+    if system == "Linux":
+        prof = replace(prof, busy_cores=busy_cores())
     if prof.logical_cores <= 0:
         prof = replace(prof, logical_cores=n, physical_cores=prof.physical_cores or n,
                        performance_cores=prof.performance_cores or n)

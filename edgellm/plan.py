@@ -114,9 +114,22 @@ def _threads(profile: DeviceProfile, threads: int | None, env: Mapping[str, str]
             notes.append(f"the {profile.efficiency_cores} efficiency cores would make every step wait for the slowest")
         if profile.logical_cores > profile.physical_cores:
             notes.append("hyper-threads add nothing for memory-bound decode")
-        return n, why + (f" ({'; '.join(notes)})" if notes else "")
+        n, why = _leave_busy_cores(profile, n, why + (f" ({'; '.join(notes)})" if notes else ""))
+        return n, why
     n = max(1, profile.physical_cores or profile.logical_cores)
-    return n, f"threads={n}: no performance cores reported, so all {n} cores"
+    return _leave_busy_cores(profile, n, f"threads={n}: no performance cores reported, so all {n} cores")
+
+
+def _leave_busy_cores(profile: DeviceProfile, n: int, why: str) -> tuple[int, str]:
+    """Fewer threads when other work already keeps cores busy. Every llama.cpp / onnxruntime step ends at a
+    barrier that waits for the slowest thread, so one thread sharing a core with another process stalls all
+    of them: on this project's 2-core VM, 2 threads beside one busy process decoded 34× slower than alone,
+    1 thread only 1.5× slower (docs/reliability.md). Explicit settings are never changed."""
+    free = max(1, (profile.logical_cores or n) - profile.busy_cores)
+    if profile.busy_cores <= 0 or n <= free:
+        return n, why
+    return free, (f"threads={free}: {profile.busy_cores} of the {profile.logical_cores} cores are busy with other "
+                  f"work, and a thread that shares a core stalls every step (otherwise {why.split(': ', 1)[1]})")
 
 
 def _check_device(requested: str) -> str:
