@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("EDGELLM_THREADS", "2")
+# one llama.cpp / onnxruntime thread: tests run a client and a server (or a browser, an emulator) side by side
+# on 2 cores, and a step's threads wait at a barrier for the slowest one, so 2 threads that share a core with
+# the test's own work crawl (34x slower decode measured beside one busy process; docs/reliability.md)
+os.environ.setdefault("EDGELLM_THREADS", "1")
 # chat/run/serve measure the fastest backend on first use; tests run the model they name unless they opt in
 os.environ.setdefault("EDGELLM_OPTIMIZE", "0")
 
