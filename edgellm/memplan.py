@@ -4,8 +4,11 @@ Peak resident memory of a running session, part by part (figures for SmolLM2-135
 benchmarks/memplan_accuracy.py; the parts scale with the model's own dimensions):
 - weights: the GGUF is mmap'd and every tensor is read per token, so the whole file becomes resident;
 - KV cache: llama.cpp allocates and clears all n_ctx cells at load, so all of it is resident at once;
-- compute: the graph's working set for one micro-batch (n_ubatch tokens) at full depth — activations,
-  plus, without flash attention, the f32 attention scores over every cached position;
+- compute: what a long prompt makes resident of llama.cpp's compute buffer — one micro-batch (n_ubatch
+  tokens) at full depth: activations plus, without flash attention, the f32 attention scores and mask over
+  every cached position and the CPU backend's f16 copy of the scores (its work buffer) — and the logits
+  rows. llama.cpp *allocates* more (`compute_buffer_bytes`: its worst-case graph also holds n_ubatch rows
+  of logits), but pages a session never writes stay untouched and are not resident;
 - state cache: KV snapshots kept for reuse (the session stashes the live context when a conversation
   switches; one full-context snapshot is as large as the KV cache);
 - runtime: Python, numpy, llama.cpp's libraries and threads, the tokenizer.
@@ -26,11 +29,6 @@ KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 3
             "q5_0": 22 / 32, "q5_1": 24 / 32}
 N_UBATCH = 512  # LlamaOptions.n_ubatch: the largest micro-batch the graph is built for
 KV_PAD = 256  # llama.cpp pads the attended KV length to 256 cells
-# Without flash attention a micro-batch materialises f32 scores [n_kv, n_ubatch, n_head] and their
-# softmax; the allocator overlaps part of the two: 1.5 copies matches the measured slope
-# (27 KiB of RSS per context token for SmolLM2's 9 heads, 2 threads).
-SCORE_COPIES = 1.5
-ACT_FLOATS_PER_TOKEN = (6, 3)  # f32 activations per token: 6 x hidden (residual, norm, q/k/v, out) + 3 x FFN
 # starlette, uvicorn, asyncio and the engine thread: an `edgellm serve` process peaked 12 MiB above a
 # plain session answering the same two requests (ctx 1024, x86-64); rounded up
 SERVER_OVERHEAD_BYTES = 16 * MiB
@@ -114,6 +112,7 @@ class MemoryEstimate:
     compute_bytes: int
     state_cache_bytes: int
     runtime_bytes: int
+    compute_buffer_bytes: int = 0  # what llama.cpp allocates for computing (more than becomes resident)
 
     @property
     def total_bytes(self) -> int:
@@ -123,6 +122,10 @@ class MemoryEstimate:
     def parts(self) -> dict[str, int]:
         return {"weights": self.weights_bytes, "kv_cache": self.kv_bytes, "compute": self.compute_bytes,
                 "state_cache": self.state_cache_bytes, "runtime": self.runtime_bytes}
+
+    def llama_cpp_buffers(self) -> dict[str, int]:
+        """The buffers llama.cpp allocates and logs (model, KV, compute), as estimated."""
+        return {"weights": self.weights_bytes, "kv_cache": self.kv_bytes, "compute": self.compute_buffer_bytes}
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
@@ -159,17 +162,62 @@ def kv_cache_bytes(info: GGUFInfo, n_ctx: int, kv_type: str = "f16") -> int:
     return int(per_token * n_ctx * KV_BYTES[kv_type])
 
 
-def compute_bytes(info: GGUFInfo, n_ctx: int, flash_attn: bool, n_ubatch: int = N_UBATCH) -> int:
-    """Working set of one full micro-batch at depth n_ctx (what a long prompt makes resident)."""
+def _dims(info: GGUFInfo) -> dict[str, int]:
     hp = info.hparams()
+
+    def most(v):
+        return max(v) if isinstance(v, list) else v
+
+    embd, heads = hp["embedding_length"], most(hp["head_count"])
+    heads_kv = most(hp.get("head_count_kv") or heads)
+    return {"embd": embd, "heads": heads, "embd_kv": embd // heads * heads_kv,
+            "ff": most(hp["feed_forward_length"]), "vocab": hp["vocab_size"] or 0}
+
+
+def _attention_peak(d: dict[str, int], ub: int, n_kv: int, flash_attn: bool) -> int:
+    """The compute buffer's peak inside attention, for a micro-batch of ub tokens over n_kv cells:
+    the layer's activations (per token: residual, norm, Q, attention output and its contiguous copy,
+    K and V) plus, without flash attention, the f32 scores [n_kv, ub, n_head] (softmax runs in place)
+    and the f32 mask [n_kv, ub]; with flash attention only the f16 mask."""
+    act = ub * (5 * d["embd"] + 2 * d["embd_kv"]) * 4
+    return act + (n_kv * ub * 2 if flash_attn else n_kv * ub * (d["heads"] + 1) * 4)
+
+
+def _ffn_peak(d: dict[str, int], ub: int) -> int:
+    return ub * (2 * d["embd"] + 3 * d["ff"]) * 4  # residual, norm, gate, up, gate·up
+
+
+def compute_buffer_bytes(info: GGUFInfo, n_ctx: int, flash_attn: bool, n_ubatch: int = N_UBATCH) -> int:
+    """The compute buffer llama.cpp allocates ("CPU compute buffer size" in its log).
+
+    llama-context.cpp reserves it for the worst-case graph: a micro-batch of ub = min(n_ubatch, n_ctx)
+    tokens over the whole KV cache with every token an output. Its allocator lets tensors whose lives
+    do not overlap share memory, so the buffer is the graph's highest point: attention at full depth
+    or the output (f32 logits [n_vocab, ub] with the final hidden state and its norm). Checked against
+    llama.cpp's log (one sequence) at 256 to 8192 tokens, flash attention on and off, on SmolLM2-135M and
+    the random-weight shape of benchmarks/memplan_accuracy.py: within 2 %. With several server slots each
+    stream attends over its own n_ctx cells with its share of the tokens, so the totals should be the
+    same; not measured.
+    """
+    d = _dims(info)
     ub = min(n_ubatch, n_ctx)
-    hidden, ff, heads = hp["embedding_length"], hp["feed_forward_length"], hp["head_count"]
-    ff = max(ff) if isinstance(ff, list) else ff
-    heads = max(heads) if isinstance(heads, list) else heads
-    act = ub * (ACT_FLOATS_PER_TOKEN[0] * hidden + ACT_FLOATS_PER_TOKEN[1] * ff) * 4
     n_kv = -(-n_ctx // KV_PAD) * KV_PAD
-    scores = 0 if flash_attn else int(ub * n_kv * heads * 4 * SCORE_COPIES)
-    return int(act + scores + (hp["vocab_size"] or 0) * 4)
+    output = ub * (d["vocab"] + 2 * d["embd"]) * 4
+    return max(_attention_peak(d, ub, n_kv, flash_attn), output, _ffn_peak(d, ub))
+
+
+def compute_bytes(info: GGUFInfo, n_ctx: int, flash_attn: bool, n_ubatch: int = N_UBATCH, n_seq: int = 1) -> int:
+    """What a session makes resident for computing: the compute buffer as a long prompt uses it (the last
+    micro-batch attends over the full context; only the last token of a prompt is an output, so the
+    logits rows of the worst-case graph are never written), the CPU backend's work buffer (the f16 copy
+    of the scores that the V·softmax product reads, without flash attention) and llama.cpp's logits
+    rows (one per sequence). Only checked through the total against a process's peak RSS (SmolLM2-135M,
+    f16 KV: 0.94 / 0.98 / 0.99 of it at 1024 / 4096 / 8192 tokens)."""
+    d = _dims(info)
+    ub = min(n_ubatch, n_ctx)
+    n_kv = -(-n_ctx // KV_PAD) * KV_PAD
+    work = 0 if flash_attn else n_kv * ub * d["heads"] * 2
+    return max(_attention_peak(d, ub, n_kv, flash_attn) + work, _ffn_peak(d, ub)) + n_seq * d["vocab"] * 4
 
 
 def default_flash_attn(kv_type: str, device: str = "cpu") -> bool:
@@ -196,7 +244,8 @@ def estimate(model_path: str | os.PathLike[str] | GGUFInfo, n_ctx: int, kv_type:
     return MemoryEstimate(
         model=Path(info.path).name, path=str(info.path), quant=info.file_type_name, n_ctx=n_ctx, kv_type=kv_type,
         flash_attn=fa, n_seq=n_seq, n_params=info.n_params, weights_bytes=info.file_size, kv_bytes=kv * n_seq,
-        compute_bytes=compute_bytes(info, n_ctx, fa) + (n_seq - 1) * (info.hparams()["vocab_size"] or 0) * 4,
+        compute_bytes=compute_bytes(info, n_ctx, fa, n_seq=n_seq),
+        compute_buffer_bytes=compute_buffer_bytes(info, n_ctx, fa),
         state_cache_bytes=kv if state_cache_bytes is None else state_cache_bytes,
         runtime_bytes=RUNTIME_OVERHEAD_BYTES + (SERVER_OVERHEAD_BYTES if server else 0))
 

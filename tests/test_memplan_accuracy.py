@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 def _check(result: dict) -> None:
     for row in result["rows"]:
         print(f"\n{result['model']} ctx {row['n_ctx']}: estimate {row['estimate_mib']} MiB, peak "
-              f"{row['measured_peak_mib']} MiB ({row['ratio']}); parts {row['parts_mib']} vs llama.cpp "
-              f"{row['llama_cpp_parts_mib']}")
+              f"{row['measured_peak_mib']} MiB ({row['ratio']}); parts {row['parts_mib']}; buffers "
+              f"{row['buffers_mib']} vs llama.cpp {row['llama_cpp_parts_mib']}")
         assert abs(row["ratio"] - 1) <= TOLERANCE, row
         assert set(row["part_ratios"]) == {"weights", "kv_cache", "compute"}, row["llama_cpp_parts_mib"]
         for part, ratio in row["part_ratios"].items():
