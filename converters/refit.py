@@ -8,9 +8,11 @@ calibration text, in the one reference forward pass (converters/reference.py):
 - the pruned model (the student) and the unpruned one (the teacher) run side by side, each on its own
   residual stream, so every refit sees the inputs the student really has after the cuts above it;
 - FFN neurons (and attention heads) are chosen by structured OBS on the student's own activations: the
-  error a group of columns leaves *after* the remaining columns are refitted is tr(W_R (H⁻¹_RR)⁻¹ W_Rᵀ),
-  removed greedily with the rank-|R| update of W and H⁻¹ — a neuron that never fires costs nothing and
-  goes first, whatever its weights;
+  error a group of columns leaves *after* the remaining columns are refitted (ridge towards the unpruned
+  weights W0, as below), removed greedily with the rank-|R| update of W and H⁻¹. The target of the choice
+  is the layer's own writes W0 x on those activations (what the removed structures wrote, as in SlimGPT /
+  ZipLM), not the drift-corrected one below: W0 then fits it exactly, every removal costs ≥ 0, and a neuron
+  that never fires or a head whose o_proj columns are zero costs exactly nothing and goes first;
 - down_proj and o_proj are then refitted by ridge least squares (towards the sliced weights, λ a small
   share of the mean input energy) to reproduce the teacher's output on the kept channels — for down_proj
   also the writes of any teacher layers removed right after it (the "fitted linear replacement" of a
@@ -62,17 +64,27 @@ def fit_error(yy: float, cross: np.ndarray, gram: np.ndarray, w: np.ndarray) -> 
 
 
 def obs_select(cross: np.ndarray, gram: np.ndarray, groups: Sequence[np.ndarray], n_keep: int, *,
-               alpha: float = ALPHA, batch: int = 1,
+               alpha: float = ALPHA, batch: int = 1, w0: np.ndarray | None = None,
                removable: Callable[[set[int], int], bool] | None = None) -> list[int]:
     """The `n_keep` column groups to keep so that the refitted output error is least (structured OBS).
 
-    Starting from the ridge fit on every column, the group whose removal (with every other column refitted)
-    adds the least error, tr(W_R (H⁻¹_RR)⁻¹ W_Rᵀ), goes; W and H⁻¹ are updated in closed form, and so on.
+    Starting from the ridge fit on every column (pulled towards `w0`, the unpruned projection, as the final
+    refit is; towards zero without it), the group whose removal, with every other column refitted, raises
+    the output error Σ‖y − W x‖² least goes; W and H⁻¹ = (G + λI)⁻¹ are updated in closed form, and so on.
     `batch` groups of size one go per step (FFN neurons: hundreds of steps otherwise). `removable(alive, g)`
-    restricts the choice (uniform query heads per KV group)."""
+    restricts the choice (uniform query heads per KV group).
+
+    The score is the rise of the output error itself, not of the ridge objective (which for λ → 0 is the
+    classic tr(W_R (H⁻¹_RR)⁻¹ W_Rᵀ)): removing R changes W by D = −W_R M H⁻¹_R· with M = (H⁻¹_RR)⁻¹, and as
+    W G − C = λ(W0 − W) on the live columns, Δ = tr(W_R M W_Rᵀ) − λ tr(W_R M (H⁻²)_RR M W_Rᵀ)
+    − 2λ tr((W0 − W) H⁻¹_·R M W_Rᵀ). The ridge objective would also count λ‖W_R − W0_R‖² (a magnitude
+    term), and a ridge towards zero spreads the output over correlated or unseen columns (fewer tokens than
+    columns): either way a head whose o_proj columns are zero, which changes nothing when removed, scored
+    like a live one. Here its W_R stays W0_R = 0 and Δ = 0; a neuron that never fires has Δ = 0 as well."""
     lam = _lam(gram, alpha)
     hinv = np.linalg.inv(np.asarray(gram, np.float64) + lam * np.eye(len(gram)))
-    w = np.asarray(cross, np.float64) @ hinv
+    w0 = np.zeros_like(np.asarray(cross, np.float64)) if w0 is None else np.asarray(w0, np.float64)
+    w = (np.asarray(cross, np.float64) + lam * w0) @ hinv
     alive = set(range(len(groups)))
     while len(alive) > n_keep:
         cand = [g for g in sorted(alive) if removable is None or removable(alive, g)]
@@ -81,10 +93,12 @@ def obs_select(cross: np.ndarray, gram: np.ndarray, groups: Sequence[np.ndarray]
         single = all(len(groups[g]) == 1 for g in cand)
         if single:                                  # one column each: the scores in one vectorised step
             idx = np.array([groups[g][0] for g in cand])
-            scores = (w[:, idx] ** 2).sum(0) / np.maximum(np.diag(hinv)[idx], 1e-300)
+            hd = np.maximum(np.diag(hinv)[idx], 1e-300)
+            wr = w[:, idx]
+            scores = (wr ** 2).sum(0) * (hd - lam * (hinv[idx] ** 2).sum(1)) / hd ** 2 \
+                - 2 * lam * (wr * ((w0 - w) @ hinv[:, idx])).sum(0) / hd
         else:
-            scores = np.array([float(np.einsum("ij,ij->", w[:, groups[g]] @ np.linalg.inv(
-                hinv[np.ix_(groups[g], groups[g])]), w[:, groups[g]])) for g in cand])
+            scores = np.array([_removal_error(w, w0, hinv, groups[g], lam) for g in cand])
         order = np.argsort(scores, kind="stable")
         take = [cand[i] for i in order[:max(1, min(batch if single else 1, len(alive) - n_keep))]]
         r = np.concatenate([groups[g] for g in take])
@@ -96,6 +110,16 @@ def obs_select(cross: np.ndarray, gram: np.ndarray, groups: Sequence[np.ndarray]
         hinv[:, r] = 0.0
         alive -= set(take)
     return sorted(alive)
+
+
+
+def _removal_error(w: np.ndarray, w0: np.ndarray, hinv: np.ndarray, r: np.ndarray, lam: float) -> float:
+    """The rise of Σ‖y − W x‖² when the columns `r` go and the rest is refitted (obs_select's Δ, one group)."""
+    m = np.linalg.inv(hinv[np.ix_(r, r)])
+    wm = w[:, r] @ m
+    h_r = hinv[r]
+    return float(np.einsum("ij,ij->", wm, w[:, r]) - lam * np.einsum("ij,ij->", wm @ (h_r @ h_r.T), wm)
+                 - 2 * lam * np.einsum("ij,ij->", (w0 - w) @ h_r.T, wm))
 
 
 # -- statistics over chunks ---------------------------------------------------------------------------------
@@ -272,7 +296,7 @@ def refit_model(teacher: Checkpoint, chunks: Sequence[Sequence[int]], *, layers:
         st = Sums()
         for o, h, mid, ht_i in zip(os_full, hs, tmid, ht):
             st.add(o, (mid[:, hid] - (h if correct_drift else ht_i[:, hid])))   # what attention must add
-        kv, heads = _choose_heads(st, n_kv, q_per_kv, full_q, T.n_head_kv, d, alpha)
+        kv, heads = _choose_heads(st, w_o, n_kv, q_per_kv, full_q, T.n_head_kv, d, alpha)
         cols = _cols(heads, d)
         w_o2 = ridge(st.cross[:, cols], st.gram[np.ix_(cols, cols)], w_o[:, cols], alpha)
         res.fits.append(Fit(i, "o_proj", fit_error(st.yy, st.cross[:, cols], st.gram[np.ix_(cols, cols)],
@@ -299,10 +323,11 @@ def refit_model(teacher: Checkpoint, chunks: Sequence[Sequence[int]], *, layers:
         sd = Sums()
         for a, h, end, mid in zip(acts, hs, target_end, tmid):
             sd.add(a, end[:, hid] - (h if correct_drift else mid[:, hid]))
+        w_d = tget(f"{t}.mlp.down_proj.weight")[hid]
         neurons = np.arange(acts[0].shape[1]) if ffn >= acts[0].shape[1] else np.asarray(obs_select(
-            sd.cross, sd.gram, [np.array([k]) for k in range(acts[0].shape[1])], ffn, alpha=alpha,
-            batch=max(1, (acts[0].shape[1] - ffn) // 24)))
-        w_d = tget(f"{t}.mlp.down_proj.weight")[hid][:, neurons]
+            w_d @ sd.gram, sd.gram, [np.array([k]) for k in range(acts[0].shape[1])], ffn, alpha=alpha,
+            batch=max(1, (acts[0].shape[1] - ffn) // 24), w0=w_d))
+        w_d = w_d[:, neurons]
         g, c = sd.gram[np.ix_(neurons, neurons)], sd.cross[:, neurons]
         w_d2 = ridge(c, g, w_d, alpha)
         res.fits.append(Fit(i, "down_proj", fit_error(sd.yy, c, g, w_d) / sd.yy, fit_error(sd.yy, c, g, w_d2) / sd.yy))
@@ -358,24 +383,26 @@ def _refit_readers(w_full: dict[str, np.ndarray], w_cut: dict[str, np.ndarray], 
     return out
 
 
-def _choose_heads(st: Sums, n_kv: int, q_per_kv: int, full_q: int, full_kv: int, d: int, alpha: float
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Kept KV groups, then kept query heads (the same count in each kept group), by post-refit error."""
+def _choose_heads(st: Sums, w_o: np.ndarray, n_kv: int, q_per_kv: int, full_q: int, full_kv: int, d: int,
+                  alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Kept KV groups, then kept query heads (the same count in each kept group), by post-refit error, the
+    ridge pulling towards the unpruned o_proj `w_o` as the refit itself does."""
     if n_kv == full_kv and q_per_kv == full_q:
         return np.arange(full_kv), np.arange(full_kv * full_q)
     group_cols = [_cols(np.arange(g * full_q, (g + 1) * full_q), d) for g in range(full_kv)]
-    kv = np.asarray(obs_select(st.cross, st.gram, group_cols, n_kv, alpha=alpha))
+    own = w_o @ st.gram                  # Σ y xᵀ for y = the layer's own writes (see refit_model)
+    kv = np.asarray(obs_select(own, st.gram, group_cols, n_kv, alpha=alpha, w0=w_o))
     heads = np.concatenate([np.arange(g * full_q, (g + 1) * full_q) for g in kv])
     if q_per_kv < full_q:
         cols = _cols(heads, d)
-        sub_cross, sub_gram = st.cross[:, cols], st.gram[np.ix_(cols, cols)]
+        sub_cross, sub_gram = own[:, cols], st.gram[np.ix_(cols, cols)]
         owner = [h // full_q for h in heads]
 
         def removable(alive: set[int], g: int) -> bool:
             return sum(owner[a] == owner[g] for a in alive) > q_per_kv
 
         keep = obs_select(sub_cross, sub_gram, [np.arange(k * d, (k + 1) * d) for k in range(len(heads))],
-                          n_kv * q_per_kv, alpha=alpha, removable=removable)
+                          n_kv * q_per_kv, alpha=alpha, w0=w_o[:, cols], removable=removable)
         heads = heads[keep]
     return kv, heads
 

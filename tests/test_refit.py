@@ -72,7 +72,8 @@ def test_refit_lowers_the_layer_output_error_on_held_out_activations(teacher, ca
     held = _ffn_io(teacher, tokenize(teacher, heldout_text())[:512], layer)
     s = Sums()
     s.add(calib, calib @ w.T)
-    chosen = np.asarray(obs_select(s.cross, s.gram, [np.array([k]) for k in range(w.shape[1])], keep, batch=32))
+    chosen = np.asarray(obs_select(s.cross, s.gram, [np.array([k]) for k in range(w.shape[1])], keep, batch=32,
+                                   w0=w))
     refit = ridge(s.cross[:, chosen], s.gram[np.ix_(chosen, chosen)], w[:, chosen])
     by_importance = np.sort(np.argsort(-importance.ffn[layer])[:keep])
     y = held @ w.T
@@ -81,7 +82,12 @@ def test_refit_lowers_the_layer_output_error_on_held_out_activations(teacher, ca
         return float(((y - held[:, cols] @ wk.T) ** 2).sum() / (y ** 2).sum())
 
     plain, refitted, obs_plain = err(by_importance, w[:, by_importance]), err(chosen, refit), err(chosen, w[:, chosen])
-    assert refitted < 0.5 * plain            # on tokens the refit never saw
+    # On tokens the refit never saw. Measured (layer 7, half the neurons): plain 0.371, refitted 0.259 (0.70x);
+    # 4k or 8k calibration tokens give 0.70x / 0.67x and α from 0.3 to 3 changes little, while the refit's
+    # error on its own 8k calibration tokens is already 0.18-0.21: a linear refit of the kept columns cannot
+    # reach 0.5x. Broken refits fail this bound: the sliced weights on the same choice 0.79x, ridge α = 0.3
+    # 0.77x, α = 0.01 1.65x, no ridge (α = 1e-6) 3.1x.
+    assert refitted < 0.75 * plain
     assert refitted < obs_plain              # the refit itself, not only the choice, does the work
 
 
