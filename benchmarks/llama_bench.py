@@ -148,7 +148,8 @@ def _lib_env(exe: Path) -> dict[str, str]:
 
 
 def run_llama_bench(model: str | os.PathLike[str], threads: int, n_prompt: int = 512, n_gen: int = 128,
-                    reps: int = 3, binary: Path | None = None, flash_attn: bool | None = None) -> dict[str, Any]:
+                    reps: int = 3, binary: Path | None = None, flash_attn: bool | None = None,
+                    depth: int = 0) -> dict[str, Any]:
     """Run llama-bench (pp n_prompt, tg n_gen, -r reps) and return median tok/s and the raw samples.
 
     flash_attn: None keeps llama-bench's default (auto); pass the setting of what you compare it to.
@@ -158,6 +159,8 @@ def run_llama_bench(model: str | os.PathLike[str], threads: int, n_prompt: int =
            "-r", str(reps), "-o", "json"]
     if flash_attn is not None:
         cmd += ["-fa", "on" if flash_attn else "off"]
+    if depth:
+        cmd += ["-d", str(depth)]   # both tests run after `depth` tokens are in the KV cache
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_lib_env(exe))
     if proc.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")

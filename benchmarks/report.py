@@ -402,7 +402,7 @@ SECTIONS = (
     Section("coreml", "Core ML export",
             "python benchmarks/coreml_bench.py", "coremltools' own int4 recipe on the same program",
             render_coreml, "docs/coreml.md"),
-    Section("speculative", "Speculative decoding", "python benchmarks/speculative_bench.py",
+    Section("speculative_bench", "Speculative decoding", "python benchmarks/speculative_bench.py",
             "plain decoding of the same model, same prompts and threads", render_generic, "docs/runtime.md"),
     Section("optimize_bench", "edgellm optimize: the measured fastest path",
             "python benchmarks/optimize_bench.py", "the candidates it chooses between, measured on this device",

@@ -103,8 +103,9 @@ class SpeedBench:
     def __post_init__(self) -> None:
         from . import GREEDY, load
 
+        # speculate=False: the backend's own decode speed is what is compared with llama-bench
         self.session = load(self.model, threads=self.threads, n_ctx=N_CTX, disk_cache=False, sampler=GREEDY,
-                            flash_attn=self.flash_attn)
+                            flash_attn=self.flash_attn, speculate=False)
         self.model_path = Path(self.session.model_path)
         self.threads = self.session.plan.threads
         be = self.session.backend
@@ -264,7 +265,7 @@ def _restart_probe() -> None:
     job = json.loads(sys.stdin.read())
     t0 = time.perf_counter()
     with load(job["model"], threads=job["threads"], n_ctx=job["n_ctx"], disk_cache=job["disk_cache"],
-              flash_attn=job["flash_attn"], sampler=GREEDY) as s:
+              flash_attn=job["flash_attn"], sampler=GREEDY, speculate=False) as s:
         load_s = time.perf_counter() - t0
         stats = s.chat(job["messages"], max_tokens=job["max_tokens"]).stats
     print(json.dumps({**stats.to_dict(), "load_s": load_s, "peak_rss_mb": peak_rss_mb()}))
@@ -301,7 +302,7 @@ def measure_ttft(model: str | os.PathLike[str] | None = None, *, threads: int | 
     def keep(key: str, value: Any) -> None:
         reps.setdefault(key, []).append(value)
 
-    kw = dict(threads=threads, n_ctx=N_CTX, sampler=GREEDY, flash_attn=flash_attn)
+    kw = dict(threads=threads, n_ctx=N_CTX, sampler=GREEDY, flash_attn=flash_attn, speculate=False)
     with tempfile.TemporaryDirectory(prefix="edgellm-bench-") as tmp_name:
         tmp = Path(tmp_name)
         with load(model, disk_cache=False, **kw) as s:

@@ -239,7 +239,8 @@ def _time(path: str, threads: int | None) -> tuple[float, float, float]:
     from . import GREEDY, load
     from .texts import heldout_text
 
-    with load(path, n_ctx=1024, threads=threads, disk_cache=False, sampler=GREEDY) as s:
+    # speculate=False: the backends are compared on their own decode (prompt lookup applies to either)
+    with load(path, n_ctx=1024, threads=threads, disk_cache=False, sampler=GREEDY, speculate=False) as s:
         passage = s.detokenize(s.tokenize(heldout_text())[:PREFILL_TOKENS])
         question = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
         decode, prefill, ttft = 0.0, 0.0, float("inf")

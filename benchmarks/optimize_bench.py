@@ -1,0 +1,106 @@
+"""`edgellm optimize` against llama-bench: the time optimize takes, the quality of each candidate, and the chosen
+path's decode and prefill against llama.cpp's own llama-bench on the shipped GGUF, in the same run.
+
+Per round (interleaved, `--rounds`): llama-bench `tg` at the chat's KV depth and `pp512` on the GGUF file (built from
+the llama.cpp that llama-cpp-python vendors, benchmarks/llama_bench.py), then every candidate timed the way optimize
+times it (a streamed chat's decode tok/s, a 256-token prefill). Ratios are per round, then the median. Targets
+(issue 18): lossless (KLD ≤ 0.005) decode ≥ 1.5x llama-bench, balanced (KLD ≤ 0.05) ≥ 2.0x, prefill ≥ 1.0x
+pp512, optimize ≤ 90 s. The bandwidth ceiling is what this machine's memory can stream over each candidate's bytes.
+
+    python benchmarks/optimize_bench.py --threads 2 --rounds 3      # writes benchmarks/out/optimize_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchmeta  # noqa: E402
+from llama_bench import ensure_llama_bench, run_llama_bench  # noqa: E402
+
+TARGETS = {"lossless": 1.5, "balanced": 2.0}
+CHAT_DEPTH = 80   # optimize's timing chat: ~30 prompt tokens, then 96 decoded; the mean KV depth while decoding
+
+
+def _log(msg: str) -> None:
+    print(f"[optimize_bench] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="GGUF [default: the embedded SmolLM2-135M]")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=benchmeta.out_path("optimize_bench"))
+    args = ap.parse_args(argv)
+    benchmeta.start()
+    from edgellm import store
+    from edgellm.bench import measure_bandwidth
+    from edgellm.optimize import _fingerprint, _time, _work_dir, optimize
+
+    gguf = store.resolve(args.model).path
+    exe = ensure_llama_bench()
+    decisions = {}
+    fp = _fingerprint(gguf)
+    for quality in TARGETS:   # cold: the candidates are built again, as on a first `edgellm chat`
+        shutil.rmtree(_work_dir(fp, quality), ignore_errors=True)
+    for quality in TARGETS:
+        _log(f"edgellm optimize --quality {quality} --force")
+        t0 = time.perf_counter()
+        d = optimize(str(gguf), quality=quality, threads=args.threads, force=True, progress=_log)
+        decisions[quality] = {"seconds": round(time.perf_counter() - t0, 1), "winner": d.winner,
+                              "load_per_cpu": d.load,
+                              "candidates": [{"name": c.name, "size_mb": round(c.size_bytes / 1e6, 1),
+                                              "mean_kld": c.mean_kld, "excluded": c.excluded,
+                                              "decode_tps": c.decode_tps, "prefill_tps": c.prefill_tps}
+                                             for c in d.candidates]}
+    paths = {c["name"]: (c, next(x for x in optimize(str(gguf), quality=q, threads=args.threads).candidates
+                                 if x.name == c["name"]).path)
+             for q, dec in decisions.items() for c in dec["candidates"] if c["excluded"] is None}
+    rounds = []
+    for r in range(args.rounds):
+        _log(f"round {r + 1}/{args.rounds}: llama-bench, then each candidate")
+        lb = run_llama_bench(gguf, args.threads, n_prompt=512, n_gen=96, reps=1, binary=exe, flash_attn=False,
+                             depth=CHAT_DEPTH)
+        row = {"llama_bench_tg_tps": lb["tg_tps"], "llama_bench_pp512_tps": lb["pp_tps"]}
+        for name, (_, path) in paths.items():
+            dec, pre, ttft = _time(path, args.threads)
+            row[name] = {"decode_tps": dec, "prefill_tps": pre, "ttft_s": ttft}
+        rounds.append(row)
+    med = statistics.median
+    ratios = {name: {"decode_vs_llama_bench": round(med(x[name]["decode_tps"] / x["llama_bench_tg_tps"]
+                                                        for x in rounds), 3),
+                     "prefill_vs_pp512": round(med(x[name]["prefill_tps"] / x["llama_bench_pp512_tps"]
+                                                   for x in rounds), 3)}
+              for name in paths}
+    bw = measure_bandwidth(args.threads)["bandwidth_gbs"]
+    ceiling = {name: {"ceiling_tps": round(bw * 1e9 / (c["size_mb"] * 1e6), 1),
+                      "pct_of_ceiling": round(100 * med(x[name]["decode_tps"] for x in rounds)
+                                              / (bw * 1e9 / (c["size_mb"] * 1e6)), 1)}
+               for name, (c, _) in paths.items()}
+    targets = {}
+    for quality, bound in TARGETS.items():
+        w = decisions[quality]["winner"]
+        targets[f"{quality}_decode"] = {"what": f"{quality}: the chosen path ({w}) decode / llama-bench tg",
+                                        "bound": f"≥ {bound}", "value": ratios[w]["decode_vs_llama_bench"],
+                                        "pass": ratios[w]["decode_vs_llama_bench"] >= bound}
+        targets[f"{quality}_prefill"] = {"what": f"{quality}: the chosen path prefill / llama-bench pp512",
+                                         "bound": "≥ 1.0", "value": ratios[w]["prefill_vs_pp512"],
+                                         "pass": ratios[w]["prefill_vs_pp512"] >= 1.0}
+        targets[f"{quality}_optimize_seconds"] = {"what": f"edgellm optimize --quality {quality} (candidates "
+                                                  "cached after the first build)", "bound": "≤ 90",
+                                                  "value": decisions[quality]["seconds"],
+                                                  "pass": decisions[quality]["seconds"] <= 90}
+    result = {"threads": args.threads, "kv_depth": CHAT_DEPTH, "model": str(gguf), "decisions": decisions,
+              "rounds": rounds, "ratios": ratios, "bandwidth_gbs": round(bw, 2), "ceiling": ceiling,
+              "targets": targets}
+    print(benchmeta.save(result, args.out, "optimize_bench.py", argv))
+
+
+if __name__ == "__main__":
+    main()
