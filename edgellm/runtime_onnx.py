@@ -69,8 +69,8 @@ def fingerprint(model_dir: Path, device: str) -> str:
 def load_onnx(model_dir: Path, *, device: str = "auto", n_ctx: int = 4096, threads: int | None = None,
               check_memory: bool = True, session_kw: dict[str, Any] | None = None):
     """An edgellm Session over onnxruntime for an ONNX directory (see edgellm.load)."""
-    from .session import open_session
     from .runtimes.onnx_backend import OnnxBackend
+    from .session import open_session
 
     model_dir = Path(model_dir)
     if not (model_dir / "model.onnx").is_file():
