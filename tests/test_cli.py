@@ -70,7 +70,8 @@ def test_pull_models_inspect_devices_json(default_model_path):
 def test_run_json_and_stdin(default_model_path):
     r = run("run", "-t", "0", "-n", "12", "--json", "--no-disk-cache", "What is 2+2?")
     out = json.loads(r.stdout)
-    assert out["text"] and out["stats"]["generated_tokens"] <= 12 and out["plan"]["threads"] == 2
+    assert out["text"] and out["stats"]["generated_tokens"] <= 12
+    assert out["plan"]["threads"] == int(os.environ["EDGELLM_THREADS"])   # conftest's, honoured by the CLI
     piped = run("run", "-t", "0", "-n", "12", "--no-disk-cache", "-", input="What is 2+2?")
     assert piped.returncode == 0 and piped.stdout.strip() == out["text"].strip()
 
