@@ -29,6 +29,7 @@ from .errors import TemplateError
 
 DEFAULT_DEADLINE_S = 2.0  # EDGELLM_TEMPLATE_TIMEOUT overrides; a ChatML render takes ~0.1 ms
 MEMORY_LIMIT_BYTES = 1 << 30  # the child's address space (Python + jinja2 need ~60 MB of it)
+STARTUP_TIMEOUT_S = 120.0  # the child's own start, apart from render deadlines
 MAX_OUTPUT_CHARS = 64 << 20  # a rendered prompt larger than this cannot fit any context anyway
 _HEAD = struct.Struct("<I")
 
@@ -48,7 +49,10 @@ def _child_main() -> None:
     try:
         import resource
 
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
+        # on top of what the interpreter already maps: under an emulator (qemu-user on an emulated Pi) the
+        # process's address space starts with the emulator's own reservations, over a GiB of them
+        limit = _mapped_bytes() + MEMORY_LIMIT_BYTES
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         # a backstop for a child whose parent died mid-render (see _die_with_parent): an hour of CPU in all
         resource.setrlimit(resource.RLIMIT_CPU, (3600, 3600))
     except (ImportError, ValueError, OSError):  # pragma: no cover - no rlimits on this platform
@@ -57,6 +61,8 @@ def _child_main() -> None:
     from .template_sandbox import render_in_process
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdout.write(_HEAD.pack(0))  # ready: the parent's render deadlines start after the imports
+    stdout.flush()
     while True:
         head = stdin.read(_HEAD.size)
         if len(head) < _HEAD.size:
@@ -76,6 +82,18 @@ def _child_main() -> None:
         data = json.dumps(reply).encode()  # ASCII: lone surrogates travel as \\u escapes
         stdout.write(_HEAD.pack(len(data)) + data)
         stdout.flush()
+
+
+def _mapped_bytes() -> int:
+    """This process's virtual size (Linux /proc/self/status VmSize), 0 where unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _die_with_parent() -> None:
@@ -103,19 +121,35 @@ class TemplateWorker:
         self._lock = threading.Lock()
         self._memo: OrderedDict[str, str] = OrderedDict()
         self.restarts = 0  # children killed at the deadline (or found dead)
+        self._ready = False
 
     def start(self) -> None:
         """Start the child now (it imports jinja2 while the caller loads a model)."""
         with self._lock:
-            self._ensure()
+            self._spawn()
 
-    def _ensure(self) -> subprocess.Popen[bytes]:
+    def _spawn(self) -> None:
         if self._proc is None or self._proc.poll() is not None:
             env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", "from edgellm.template_worker import _child_main; _child_main()"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                 close_fds=True)
+            self._ready = False
+
+    def _ensure(self) -> subprocess.Popen[bytes]:
+        self._spawn()
+        if not self._ready:
+            # the child's start-up (Python, jinja2: ~0.1 s here, many seconds on an emulated or busy board) is
+            # not part of any render's deadline; it has a deadline of its own
+            try:
+                ready = self._read(self._proc, STARTUP_TIMEOUT_S, framed=False)
+            except (BrokenPipeError, OSError):
+                ready = None
+            if ready is None:
+                self._kill()
+                raise TemplateError(f"the chat template's render process did not start within {STARTUP_TIMEOUT_S:g} s")
+            self._ready = True
         return self._proc
 
     def _kill(self) -> None:
@@ -165,8 +199,8 @@ class TemplateWorker:
         return reply["text"]
 
     @staticmethod
-    def _read(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any] | None:
-        """The child's reply, or None when the deadline passes first."""
+    def _read(proc: subprocess.Popen[bytes], timeout: float, framed: bool = True) -> dict[str, Any] | None:
+        """The child's reply, or None when the deadline passes first (framed=False: its empty ready message)."""
         assert proc.stdout is not None
         fd, end, buf, need = proc.stdout.fileno(), time.monotonic() + timeout, b"", _HEAD.size
         while len(buf) < need:
@@ -179,7 +213,7 @@ class TemplateWorker:
             buf += chunk
             if need == _HEAD.size and len(buf) >= _HEAD.size:
                 need += _HEAD.unpack(buf[:_HEAD.size])[0]
-        return json.loads(buf[_HEAD.size:need])
+        return json.loads(buf[_HEAD.size:need]) if framed or need > _HEAD.size else {}
 
 
 _worker: TemplateWorker | None = None
