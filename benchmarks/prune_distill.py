@@ -10,7 +10,7 @@ text + teacher generations) → figures:
 - wall time of prune + distill, and the machine's load average (the CPU is shared).
 Held-out text is edgellm's heldout.txt, never trained on. Prints JSON (or --markdown rows for the README).
 
-    flock /tmp/edgellm-heavy.lock python benchmarks/prune_distill.py --minutes 32 --out benchmarks/out/prune_distill.json
+    python benchmarks/prune_distill.py --minutes 32 --out benchmarks/out/prune_distill.json
 """
 from __future__ import annotations
 

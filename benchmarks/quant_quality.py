@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ctx", type=int, default=512, help="tokens per chunk, second half scored (default 512)")
     ap.add_argument("--chunks", type=int, default=4, help="held-out chunks scored (default 4)")
     ap.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens for the imatrix (default 2048)")
-    ap.add_argument("--sensitivity-tokens", type=int, default=1024, help="calibration tokens for the Fisher (default 1024)")
+    ap.add_argument("--sensitivity-tokens", type=int, default=1024,
+                    help="calibration tokens for the Fisher (default 1024)")
     ap.add_argument("--references", default="on-grid,rotated", help="on-grid, rotated or both (default)")
     ap.add_argument("--threads", type=int, default=None, help="threads for quantize and eval (default: all)")
     ap.add_argument("--workdir", type=Path, default=OUT / "work", help="cache for the F32 reference and candidates")

@@ -63,7 +63,8 @@ def write_checkpoint(ckpt, output: Path, to: str = "gguf", out_type: str = "F16"
         write_hf(ckpt, output, out_type)
     else:
         from .gguf_writer import write_gguf
-        write_gguf(ckpt, output, out_type, progress=None if progress is None else (lambda d, t: progress("write", d, t)))
+        write_gguf(ckpt, output, out_type,
+                   progress=None if progress is None else (lambda d, t: progress("write", d, t)))
 
 
 def convert(source: str | os.PathLike[str], output: str | os.PathLike[str], *, quant: str = "Q4_K_M",

@@ -91,7 +91,8 @@ def attend(dims: Dims, weight: Callable[[str], np.ndarray | None], i: int, h: np
     group = dims.n_head // dims.n_head_kv
     p = f"model.layers.{i}"
     x = _rmsnorm(h, weight(f"{p}.input_layernorm.weight"), dims.eps)
-    q = linear(x, weight, f"{p}.self_attn.q_proj", f"blk.{i}.attn_q.weight", hook).reshape(n, dims.n_head, dims.head_dim)
+    q = linear(x, weight, f"{p}.self_attn.q_proj", f"blk.{i}.attn_q.weight", hook)
+    q = q.reshape(n, dims.n_head, dims.head_dim)
     k = linear(x, weight, f"{p}.self_attn.k_proj", f"blk.{i}.attn_k.weight", hook).reshape(n, dims.n_head_kv,
                                                                                             dims.head_dim)
     v = linear(x, weight, f"{p}.self_attn.v_proj", f"blk.{i}.attn_v.weight", hook).reshape(n, dims.n_head_kv,

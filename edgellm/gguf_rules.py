@@ -93,7 +93,8 @@ def check_key_types(c: Cursor, info: GGUFInfo) -> None:
             else:
                 want = _ARCH_KEY_TYPES.get(sub)
         if want is not None and got not in ((want,) if isinstance(want, str) else want):
-            c.fail(f"'{key}' has type {got} but llama.cpp reads it as {want if isinstance(want, str) else ' or '.join(want)}")
+            wanted = want if isinstance(want, str) else " or ".join(want)
+            c.fail(f"'{key}' has type {got} but llama.cpp reads it as {wanted}")
     for key in (f"{arch}.rope.scaling.type",):
         if key in info.metadata and info.metadata[key] not in ROPE_SCALING_TYPES:
             c.fail(f"'{key}' is {quote(info.metadata[key])}, not one of {sorted(ROPE_SCALING_TYPES)}")

@@ -143,8 +143,9 @@ class Session:
         risky = [i for i, m in enumerate(messages) if self._has_special_text(m["content"])]
         if not risky:
             return self.tokenize(text)
-        marked = chat_template.render_marked(self.template, messages, risky, add_generation_prompt=add_generation_prompt,
-                                             expected=text, **self._special_texts())
+        marked = chat_template.render_marked(self.template, messages, risky,
+                                             add_generation_prompt=add_generation_prompt, expected=text,
+                                             **self._special_texts())
         bos = self.backend.special_token("bos")
         tokens = [bos] if bos is not None and self.backend.add_bos() and not self._starts_with_bos(text) else []
         for piece, is_content in marked:

@@ -339,7 +339,8 @@ class LlamaCppBackend:
     def load_state(self, data: bytes, n_tokens: int) -> None:
         ll = self._ll
         if n_tokens > self._n_ctx:
-            raise ContextOverflowError(f"a saved state of {n_tokens} tokens does not fit the {self._n_ctx}-token context")
+            raise ContextOverflowError(f"a saved state of {n_tokens} tokens does not fit the "
+                                       f"{self._n_ctx}-token context")
         ll.llama_memory_clear(self._mem, True)
         self._n_past = 0
         buf = for_streams(data, self._n_stream)

@@ -331,14 +331,16 @@ class OnnxBackend:
 
     def eval(self, tokens: Sequence[int]) -> None:
         if self._n_past + len(tokens) > self._n_ctx:
-            raise ContextOverflowError(f"{self._n_past + len(tokens)} tokens do not fit the {self._n_ctx}-token context")
+            raise ContextOverflowError(f"{self._n_past + len(tokens)} tokens do not fit the "
+                                       f"{self._n_ctx}-token context")
         for start in range(0, len(tokens), self._n_batch):
             self._last = self._run(list(tokens[start:start + self._n_batch]), 1)[-1]
 
     def eval_all_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Append tokens and return the logits of every one of them (n, n_vocab), for evaluation."""
         if self._n_past + len(tokens) > self._n_ctx:
-            raise ContextOverflowError(f"{self._n_past + len(tokens)} tokens do not fit the {self._n_ctx}-token context")
+            raise ContextOverflowError(f"{self._n_past + len(tokens)} tokens do not fit the "
+                                       f"{self._n_ctx}-token context")
         parts = []
         for start in range(0, len(tokens), self._n_batch):
             chunk = list(tokens[start:start + self._n_batch])
@@ -405,7 +407,8 @@ class OnnxBackend:
 
     def load_state(self, data: bytes, n_tokens: int) -> None:
         if n_tokens > self._n_ctx:
-            raise ContextOverflowError(f"a saved state of {n_tokens} tokens does not fit the {self._n_ctx}-token context")
+            raise ContextOverflowError(f"a saved state of {n_tokens} tokens does not fit the "
+                                       f"{self._n_ctx}-token context")
         if len(data) != self._state_bytes(n_tokens):
             raise BackendError(f"the saved KV state has {len(data)} bytes, expected {self._state_bytes(n_tokens)} "
                                f"for {n_tokens} tokens of this model")

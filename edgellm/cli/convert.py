@@ -84,8 +84,8 @@ def command(source: str, output: Path, quant: str, target_size: str | None, targ
                                   calib_tokens or 4096, no_imatrix, force, as_json)
     if fmt == "onnx":
         from .onnx_convert import convert_onnx_cli
-        return convert_onnx_cli(click.get_current_context(), source, output, quant, flavour, calib, calib_tokens or 4096,
-                                no_imatrix, force, as_json)
+        return convert_onnx_cli(click.get_current_context(), source, output, quant, flavour, calib,
+                                calib_tokens or 4096, no_imatrix, force, as_json)
     from edgellm.converters.mixed import parse_size, recipe_path
     from edgellm.converters.pipeline import convert
     from edgellm.texts import heldout_text

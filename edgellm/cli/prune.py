@@ -19,7 +19,8 @@ from .output import emit_json, err, out, stage_progress
 @click.option("--align", type=int, default=None,
               help="Cut widths to multiples of this (256 lets llama.cpp's K-quants apply) [default: 64/128 steps].")
 @click.option("--axes", default="depth,ffn,heads,hidden", show_default=True,
-              help="What may be cut: depth (layers), ffn (neurons), heads (KV groups / query heads), hidden (channels).")
+              help="What may be cut: depth (layers), ffn (neurons), heads (KV groups / query heads), "
+                   "hidden (channels).")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Calibration text for importance [default: the text shipped with edgellm].")
 @click.option("--calib-tokens", type=int, default=2048, show_default=True, help="Tokens that rank the structures.")
