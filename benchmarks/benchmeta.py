@@ -81,3 +81,23 @@ def save(result: dict[str, Any], out: Path | None, script: str, argv: list[str] 
         tmp.write_text(text + "\n", encoding="utf-8")
         os.replace(tmp, out)
     return text
+
+
+def wait_healthy(proc, url: str, what: str = "server", timeout: float = 120.0) -> None:
+    """Return once GET {url}/health answers; raise with the end of the process's stderr if it exits or the
+    timeout passes first (every server benchmark starts its servers this way)."""
+    import time
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > end:
+                err = proc.stderr.read() if proc.stderr else b""
+                err = err.decode(errors="replace") if isinstance(err, bytes) else str(err)
+                raise RuntimeError(f"{what} did not start: {err[-2000:]}") from None
+            time.sleep(0.1)
+

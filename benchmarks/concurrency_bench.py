@@ -62,12 +62,7 @@ def case(busy: bool, threads: str | None, n: int) -> dict:
                             "--queue", "64", "--no-disk-cache"], env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(1200):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        benchmeta.wait_healthy(srv, url, timeout=300)
         info = json.loads(urllib.request.urlopen(url + "/v1/edgellm/info", timeout=10).read())
         _ask(url, 0)
         out = {"threads": (info.get("plan") or {}).get("threads"), "requests": n}

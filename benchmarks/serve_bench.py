@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,15 +50,8 @@ def start(model: str | None, parallel: int, mode: str, threads: int, n_ctx: int)
     proc = subprocess.Popen(cmd + [f"--{mode}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "EDGELLM_API_KEY": "", "EDGELLM_OPTIMIZE": "0"})
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1).close()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}") from None
-            time.sleep(0.1)
+    benchmeta.wait_healthy(proc, url, "server")
+    return proc, url
 
 
 def start_llama_server(model: str, parallel: int, threads: int, n_ctx: int) -> tuple[subprocess.Popen, str]:
@@ -73,15 +65,8 @@ def start_llama_server(model: str, parallel: int, threads: int, n_ctx: int) -> t
            "--parallel", str(parallel), "-c", str(n_ctx * parallel), "-fa", "off", "--no-webui", "-ngl", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=tool_env(exe))
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1).close()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"llama-server did not start: {proc.stderr.read().decode()[-2000:]}") from None
-            time.sleep(0.1)
+    benchmeta.wait_healthy(proc, url, "llama-server")
+    return proc, url
 
 
 def one(client, topic: str, max_tokens: int) -> dict:

@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import benchmeta
@@ -64,15 +63,8 @@ def start_server(model: str | None, threads: int | None, parallel: int) -> tuple
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "EDGELLM_API_KEY": ""})
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1).close()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}") from None
-            time.sleep(0.1)
+    benchmeta.wait_healthy(proc, url, "server")
+    return proc, url
 
 
 def api_ttft(url: str, body: dict) -> tuple[float, dict]:
