@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -36,8 +37,11 @@ def _http(port: int, path: str, body: dict | None = None, timeout: float = 5) ->
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.load(r)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:   # the server's JSON error says what went wrong
+        raise AssertionError(f"{path}: HTTP {e.code}: {e.read()[:2000]!r}") from None
 
 
 def _wait_health(port: int, proc: subprocess.Popen, deadline_s: float) -> float:

@@ -80,7 +80,15 @@ def command(model: str | None, host: str, port: int, api_key: str | None, parall
     from edgellm.errors import UsageError
 
     from ..runtimes.base import SamplerConfig
-    from ..server import EdgeServer, ServeConfig
+
+    try:
+        from ..server import (
+            EdgeServer,
+            ServeConfig,
+            schema,  # noqa: F401 - imported now so a missing dependency fails here, not per request
+        )
+    except ModuleNotFoundError as e:
+        raise UsageError(f"edgellm serve needs the {e.name} package: pip install 'edgellm[serve]'") from None
     from .options import load_kwargs
 
     if parallel < 1 or max_queue < 0 or timeout_s <= 0 or default_max_tokens < 1:
