@@ -24,7 +24,7 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
          prompt_state: str | os.PathLike[str] | None = None, sampler: SamplerConfig | None = None,
          check_memory: bool = True, parallel: int = 1, rpc: str | Sequence[str] | None = None,
          optimize: bool = False, backend: str | None = None, quality: str = "balanced",
-         speculate: bool | SpeculationConfig = True) -> Session:
+         speculate: bool | SpeculationConfig | None = None) -> Session:
     """Load a model (store alias, GGUF path, ONNX directory, .mlpackage; default: the embedded
     SmolLM2-135M) for generation and chat.
 
@@ -37,9 +37,11 @@ def load(model: str | os.PathLike[str] | None = None, *, device: str = "auto", n
     (edgellm.runtimes.rpc). kv_type, flash_attn, parallel and rpc are llama.cpp options.
     optimize: for a GGUF file, run it the way `edgellm optimize` measured fastest on this device within the
     `quality` bound (measuring first if no decision is stored; the plan's reasons say so). backend: pin
-    'llama.cpp' or 'onnx' instead. speculate: prompt-lookup decoding for single-sequence generation (True:
-    on, drafting only where the measured cost model says it pays; False: off; or a SpeculationConfig);
-    identical greedy output, the same sampling distribution (edgellm.speculate, docs/runtime.md).
+    'llama.cpp' or 'onnx' instead. speculate: prompt-lookup decoding for single-sequence generation (None, the
+    default: on for backends whose batched rows equal single steps — onnxruntime — off on llama.cpp, whose
+    batch kernels move logits enough to flip a near-tie; True: on, drafting only where the measured cost model
+    says it pays; False: off; or a SpeculationConfig); the same sampling distribution (edgellm.speculate,
+    docs/runtime.md).
     """
     speculate = speculation_from(speculate)  # a bad value fails before anything loads
     ref = store.resolve(model)

@@ -16,7 +16,7 @@ from . import speculative_loop as speculative
 from .errors import BackendError, CacheError, ContextOverflowError, EdgeLLMError, UsageError
 from .runtimes.base import GREEDY, Backend, SamplerConfig
 from .runtimes.kv_cache import DiskCache, PrefixCache, SavedState, common_prefix, read_state_file, write_state_file
-from .speculate import SpeculationConfig, speculation_from
+from .speculate import AUTO, SpeculationConfig, speculation_from
 from .textstream import TextAssembler
 
 STASH_MIN_TOKENS = 32  # states shorter than this are cheaper to recompute than to keep
@@ -105,7 +105,7 @@ class Session:
     tokens: list[int] = field(default_factory=list)  # exactly what the backend's KV cache holds
     last_stats: Stats | None = None
     optimized: Any = None  # the edgellm.optimize Decision that chose this backend, when one did
-    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)  # prompt-lookup decoding
+    speculation: SpeculationConfig = field(default_factory=lambda: AUTO)  # prompt-lookup decoding
 
     # -- text and tokens -----------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
@@ -219,6 +219,8 @@ class Session:
         text = TextAssembler(stops)
         out: list[int] = []
         t_first = 0.0
+        if spec is not None and spec.auto and not speculative.exact_batches(self, spec):
+            spec = None
         if spec is not None and spec.enabled and speculative.supported(be):
             tokens = speculative.tokens(self, config, spec, max_tokens, stats)
         else:
@@ -468,7 +470,7 @@ class Conversation:
 
 def open_session(backend: Backend, path: Path, plan: Any, *, disk_cache: bool | str | os.PathLike[str] = True,
                  memory_cache_mb: int = 512, prompt_state: str | os.PathLike[str] | None = None,
-                 sampler: SamplerConfig | None = None, speculate: bool | SpeculationConfig = True) -> Session:
+                 sampler: SamplerConfig | None = None, speculate: bool | SpeculationConfig | None = None) -> Session:
     """A Session over any backend, with the in-memory and disk KV caches and an optional shipped state.
 
     The chat-template render process starts here, so it is ready by the time the first prompt comes.

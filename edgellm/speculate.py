@@ -46,6 +46,7 @@ class SpeculationConfig:
     """Prompt-lookup drafting settings (the defaults are what `edgellm.load` uses)."""
 
     enabled: bool = True
+    auto: bool = False  # on only where batched rows equal single steps (EXACT_BATCHES): load()'s default
     ngram_max: int = 3  # the longest suffix n-gram looked up (longer matches first)
     ngram_min: int = 2  # the shortest; single tokens match too often to predict much
     max_draft: int = 8  # tokens per verification batch at most
@@ -66,10 +67,18 @@ class SpeculationConfig:
 
 
 OFF = SpeculationConfig(enabled=False)
+AUTO = SpeculationConfig(auto=True)
+# Backends whose verification batches give the logits single steps give (max |delta logit| measured on the default
+# model: onnxruntime's fused graph 6e-5; llama.cpp 0.6-0.9, its CPU kernels change with the batch size). Only there
+# is prompt lookup on by default: elsewhere a near-tie can flip a greedy token, and answers would depend on drafting.
+EXACT_BATCHES = frozenset({"onnxruntime"})
 
 
 def speculation_from(value: bool | SpeculationConfig | None) -> SpeculationConfig:
-    if value is None or value is True:
+    """None: AUTO (on for EXACT_BATCHES backends); True: on; False: off; or the given settings."""
+    if value is None:
+        return AUTO
+    if value is True:
         return SpeculationConfig()
     if value is False:
         return OFF

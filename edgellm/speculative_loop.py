@@ -25,6 +25,19 @@ def supported(backend: Any) -> bool:
             and backend.capabilities.kv_state)
 
 
+def exact_batches(session: Any, settings: Any) -> bool:
+    """Whether AUTO speculation may run here: a backend of EXACT_BATCHES whose verification batches measure
+    (once per session) within EXACT_NOISE of single steps. Others are not even measured: that costs steps."""
+    from .speculate import EXACT_BATCHES
+
+    be = session.backend
+    return (be.name in EXACT_BATCHES and supported(be)
+            and batch_noise(session, settings.max_draft + 1) <= EXACT_NOISE)
+
+
+EXACT_NOISE = 1e-3  # max |delta logit|: the transcoded graph measures 6e-5, an int4 GPTQ graph ~0.9
+
+
 def batch_noise(session: Any, limit: int) -> float:
     """How far (max |Δ logit|) a verification batch of 2..limit tokens strays from token-by-token
     evaluation of the same tokens: measured once per session on its own context, then undone.
