@@ -86,8 +86,9 @@ def _refuse_llama_options(path: Path, kind: str, *, parallel: int, rpc, kv_type:
     if given:
         runs = {"onnx": "onnxruntime runs as one sequence with the graph's own KV cache",
                 "coreml": "Core ML runs as one sequence with the package's own state"}.get(kind, "")
-        raise UsageError(f"{', '.join(given)}: llama.cpp options; {path} is a {kind} model" + (f", which {runs}"
-                                                                                           if runs else ""))
+        label = {"onnx": "an ONNX", "coreml": "a Core ML"}.get(kind, f"a {kind}")
+        raise UsageError(f"{', '.join(given)}: llama.cpp options; {path} is {label} model"
+                         + (f", which {runs}" if runs else ""))
 
 
 def model_fingerprint(path: Path, info) -> str:
