@@ -32,3 +32,23 @@ def llm(default_model_path):
     session = edgellm.load(default_model_path, n_ctx=2048, disk_cache=False, sampler=edgellm.GREEDY)
     yield session
     session.close()
+
+
+# The fast tier (`make fast`, pytest -m "not slow") is what a change can be checked against in a couple of
+# minutes: the parsers, planners, validators, the session on the real model. Whole files that convert or
+# quantize models, start servers, browsers or emulators, package apps or measure are in the full suite only
+# (their slowest tests carry @pytest.mark.slow as well). Measured in the full run of 2026-12-06.
+SLOW_FILES = frozenset({
+    "test_bench", "test_calibration", "test_checkpoint", "test_cli", "test_convert", "test_coreml",
+    "test_deploy_board", "test_distill", "test_gguf_gptq", "test_gptq", "test_gptq_guard", "test_hostile_server",
+    "test_memplan_accuracy", "test_mixed", "test_onnx", "test_onnx_exports", "test_onnx_quant", "test_optimize",
+    "test_package_android", "test_package_ios", "test_prune", "test_refit", "test_rpc", "test_sampling_dist",
+    "test_serve", "test_serve_limits", "test_speculate", "test_sweep", "test_transcode", "test_units_verify",
+    "test_web",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.stem in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
