@@ -32,12 +32,10 @@ from .runtimes.base import SamplerConfig
 from .runtimes.sampling import distribution, penalized
 
 # Cost of one extra draft row in a verification batch, in units of a single-token step, measured with
-# `python benchmarks/speculative_bench.py --cost` (median over batches of 2-9 rows, SmolLM2-135M, 2 threads,
-# this project's shared 2-core AVX-512 x86 machine, under load, 2026-12-06): llama.cpp Q4_1 0.43 (0.58 in a second
-# run; its CPU
-# batches are far from free for a model this small: a batch of 2 costs ~1.8 steps), onnxruntime
-# (transcoded f32-dequantised graph) 0.07 (0.055). A larger, more bandwidth-bound model makes rows cheaper.
-ROW_COST = {"llama.cpp": 0.43, "onnxruntime": 0.07}
+# `python benchmarks/speculative_bench.py --cost` (median over batches of 2-9 rows, SmolLM2-135M, 2 threads, this
+# project's 2-core AVX-512 x86 VM, quiet, 2026-12-06): llama.cpp Q4_1 0.29 (0.43-0.58 under load), onnxruntime's
+# transcoded graph 0.03. A larger, more bandwidth-bound model makes rows cheaper.
+ROW_COST = {"llama.cpp": 0.29, "onnxruntime": 0.03}
 DEFAULT_ROW_COST = 0.15
 
 
