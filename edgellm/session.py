@@ -16,7 +16,7 @@ from . import speculative_loop as speculative
 from .errors import BackendError, CacheError, ContextOverflowError, EdgeLLMError, UsageError
 from .runtimes.base import GREEDY, Backend, SamplerConfig
 from .runtimes.kv_cache import DiskCache, PrefixCache, SavedState, common_prefix, read_state_file, write_state_file
-from .speculate import AUTO, SpeculationConfig, speculation_from
+from .speculate import AUTO, EXACT_BATCHES, SpeculationConfig, speculation_from
 from .textstream import TextAssembler
 
 STASH_MIN_TOKENS = 32  # states shorter than this are cheaper to recompute than to keep
@@ -219,7 +219,7 @@ class Session:
         text = TextAssembler(stops)
         out: list[int] = []
         t_first = 0.0
-        if spec is not None and spec.auto and not speculative.exact_batches(self, spec):
+        if spec is not None and spec.auto and be.name not in EXACT_BATCHES:  # AUTO: see edgellm.speculate
             spec = None
         if spec is not None and spec.enabled and speculative.supported(be):
             tokens = speculative.tokens(self, config, spec, max_tokens, stats)

@@ -25,17 +25,9 @@ def supported(backend: Any) -> bool:
             and backend.capabilities.kv_state)
 
 
-def exact_batches(session: Any, settings: Any) -> bool:
-    """Whether AUTO speculation may run here: a backend of EXACT_BATCHES whose verification batches measure
-    (once per session) within EXACT_NOISE of single steps. Others are not even measured: that costs steps."""
-    from .speculate import EXACT_BATCHES
-
-    be = session.backend
-    return (be.name in EXACT_BATCHES and supported(be)
-            and batch_noise(session, settings.max_draft + 1) <= EXACT_NOISE)
-
-
-EXACT_NOISE = 1e-3  # max |delta logit|: the transcoded graph measures 6e-5, an int4 GPTQ graph ~0.9
+# AUTO drafts only where verification batches stay this close to single steps (max |delta logit|, measured once
+# per session after the first token): the transcoded graph measures 6e-5, an int4 GPTQ graph ~0.9
+EXACT_NOISE = 1e-3
 
 
 def batch_noise(session: Any, limit: int) -> float:
@@ -83,11 +75,13 @@ def tokens(session: Any, config: SamplerConfig, settings: SpeculationConfig, max
     penalties = config.repeat_penalty != 1.0 and config.repeat_last_n > 0
     tok = be.sample(config)
     yield tok  # the first token comes before the n-gram index is built, so it costs TTFT nothing
-    guard = GUARD * batch_noise(session, settings.max_draft + 1) if config.greedy else 0.0
+    noise = batch_noise(session, settings.max_draft + 1) if config.greedy or settings.auto else 0.0
+    guard = GUARD * noise if config.greedy else 0.0
     spec = Speculator(settings, be.name, session.tokens, config)
     index, emitted = spec.index, 1
     index.extend((tok,))
-    plain = guard == float("inf")  # no probe was possible: greedy decodes plainly
+    # no probe was possible (greedy), or AUTO on a graph whose batches are not exact: decode plainly
+    plain = guard == float("inf") or (settings.auto and noise > EXACT_NOISE)
     single = False  # the last verification left a close call to a single step
     while True:  # here `tok` is the last emitted token: in the index, not yet in the KV cache
         budget = max_tokens - emitted - 1  # the token after the accepted drafts is emitted too

@@ -446,14 +446,14 @@ class OnnxBackend:
             logits = self.eval_all_logits(tokens)
             self._rows = {r: logits[r] for r in rows}
 
-    def _row(self, index: int) -> np.ndarray:
+    def _kept_row(self, index: int) -> np.ndarray:
         rows = getattr(self, "_rows", {})
         if index not in rows:
             raise UsageError(f"no logits were kept for batch row {index}")
         return rows[index]
 
     def argmax_at(self, index: int) -> int:
-        return int(self._row(index).argmax())
+        return int(self._kept_row(index).argmax())
 
     def make_sampler(self, config: SamplerConfig, history: Sequence[int] = ()) -> NumpySampler:
         return NumpySampler(config, history)
@@ -462,7 +462,7 @@ class OnnxBackend:
         pass
 
     def sample_at(self, chain: NumpySampler, index: int) -> int:
-        return chain.sample(self._row(index))
+        return chain.sample(self._kept_row(index))
 
     def _only(self, seq: int) -> None:
         if seq != 0:
