@@ -76,3 +76,13 @@ def post(url: str, body: bytes | dict, headers: dict | None = None, timeout: flo
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+def wait_health(url: str, cond, timeout: float = 60) -> None:
+    """Poll GET /health until `cond(health)` holds; fail the test after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"{url}/health") as h:
+            if cond(json.loads(h.read())):
+                return
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)

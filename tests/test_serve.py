@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from serving import MODEL, post, running  # noqa: E402 - after the imports it needs
+from serving import MODEL, post, running, wait_health  # noqa: E402 - after the imports it needs
 
 import edgellm
 
@@ -280,13 +280,7 @@ def test_requests_past_their_deadline_end_with_timeout(default_model_path):
 
 
 def _wait(url: str, cond, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        with urllib.request.urlopen(f"{url}/health") as h:
-            if cond(json.loads(h.read())):
-                return
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.01)
+    wait_health(url, cond, timeout)
 
 
 def test_cli_server_finishes_in_flight_streams_on_sigterm(default_model_path, tmp_path):

@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 
-from serving import MODEL, cli_server, running
+from serving import MODEL, cli_server, running, wait_health
 
 COUNT = "1, 2, 3, 4, 5, 6, 7, 8,"   # a raw prompt the model keeps continuing: long answers on demand
 
@@ -26,13 +26,7 @@ def _post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict, dict]:
 
 
 def _wait(url: str, cond, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        with urllib.request.urlopen(f"{url}/health") as h:
-            if cond(json.loads(h.read())):
-                return
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.01)
+    wait_health(url, cond, timeout)
 
 
 def test_a_request_past_its_timeout_gets_504_and_a_stream_gets_an_error_event(default_model_path):

@@ -148,8 +148,7 @@ def test_sampled_generation_with_speculation(llm_spec):
 def onnx_spec(default_model_path):
     from edgellm import optimize as opt
 
-    if not opt.onnx_available():
-        pytest.skip("the onnx extra is not installed")
+    assert opt.onnx_available(), "the onnx extra (part of the test extra) is not installed"
     decision = opt.cached(default_model_path, "lossless") or opt.optimize(default_model_path, quality="lossless")
     onnx = [c for c in decision.candidates if c.backend == "onnxruntime" and c.excluded is None]
     assert onnx, "the transcoded ONNX form of the default model was not built"
