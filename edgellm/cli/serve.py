@@ -21,9 +21,11 @@ from .output import err
 @click.option("--batch/--exact", default=True, show_default=True,
               help="--batch decodes all requests in one llama.cpp batch, like llama-server: more tokens/s "
                    "with many clients, but a greedy answer may differ from a single-client run where two "
-                   "tokens are nearly tied. --exact decodes each request on its own: bit-identical to a "
-                   "single-client run, slower with many clients. Requests never see each other's tokens "
-                   "in either mode.")
+                   "tokens are nearly tied. --exact decodes each request on its own and evaluates prompts in "
+                   "64-token aligned chunks: a greedy answer is bit-identical to a cold single-client run "
+                   "whatever the cache holds, at the cost of re-evaluating up to 63 prompt tokens and the "
+                   "previous answer per turn, and slower with many clients. Requests never see each "
+                   "other's tokens in either mode.")
 @click.option("--queue", "max_queue", type=int, default=16, show_default=True,
               help="Requests that may wait for a slot; more get HTTP 503.")
 @click.option("--timeout", "timeout_s", type=float, default=300, show_default=True,

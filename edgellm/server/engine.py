@@ -11,6 +11,7 @@ token), and a client's stream never waits for another's to end. Two ways to run 
 - exact (`batch=False`): one llama_decode per sequence (QUANTUM tokens in a row). Each sequence has its
   own KV stream, so its numbers are exactly those of a single-client run: greedy answers are identical
   whatever else runs. Aggregate decode speed is at most one client's (each token costs one decode).
+  Exact mode also makes answers independent of what the prefix cache holds: see ALIGN.
 `parallel=1` serves one request at a time.
 
 KV reuse per conversation: each slot is a sequence that keeps the tokens of its last request. A new
@@ -36,7 +37,7 @@ from typing import Any
 
 from ..errors import BackendError, ContextOverflowError, EdgeLLMError
 from ..runtimes.base import BatchBackend, SamplerConfig
-from ..runtimes.kv_cache import SavedState, common_prefix
+from ..runtimes.kv_cache import PrefixCache, SavedState, common_prefix
 from ..session import STASH_MIN_TOKENS, Session
 from ..textstream import TextAssembler
 
@@ -45,6 +46,17 @@ from ..textstream import TextAssembler
 # allow_reuse), so switching sequence on every token would rebuild the graph every token; a quantum of
 # 4 keeps 3 in 4 decodes on the reused graph and delays others by at most 4 tokens per active request.
 QUANTUM = 4
+
+# Exact mode evaluates prompts in chunks that start at multiples of ALIGN positions, each chunk its own
+# llama_decode, and keeps (in slots and snapshots) only cells computed in such full chunks. llama.cpp's CPU
+# kernels round a token differently in a batch of another size (a prompt's last token evaluated alone
+# does not give the logits it gets inside the prompt's batch; a generated token is evaluated alone, the
+# same token inside a later prompt is not), so without this a prefix-cache hit moves where batches split
+# and a greedy answer can change. With it, every cell a request reads was computed by the same chunk of
+# the same tokens as in a cold run: the answer is the cold single-client answer bit for bit, warm or cold.
+# The price is reuse: up to ALIGN - 1 prompt tokens and a previous answer are evaluated again. 64 keeps
+# that small; prefill in 64-token batches runs near llama.cpp's full-batch speed on a CPU.
+ALIGN = 64
 
 
 class QueueFullError(EdgeLLMError):
@@ -93,6 +105,7 @@ class Slot:
     sampler: Any = None
     text: TextAssembler | None = None
     last_used: float = 0.0
+    canon: int = 0  # exact mode: leading cells computed in full ALIGN-aligned prompt chunks (reusable)
 
 
 class Engine:
@@ -122,10 +135,13 @@ class Engine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self.stats = {"requests": 0, "steps": 0, "batched_tokens": 0, "rejected": 0}
+        self.align = 1 if batch else ALIGN
 
     # -- the HTTP side -------------------------------------------------------------------------
     def start(self) -> Engine:
         self.session.reset()  # from here on every sequence is the engine's
+        if not self.batch:
+            self._canonical_start()
         self._thread = threading.Thread(target=self._loop, name="edgellm-engine", daemon=True)
         self._thread.start()
         return self
@@ -169,6 +185,23 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+
+    def _canonical_start(self) -> None:
+        """Exact mode: what the session cached was evaluated in batches of other sizes, so forget it, and
+        evaluate the pinned states' aligned part again as a cold request would (a shipped state's rounding
+        depends on how it was made); the rest of a system prompt is evaluated by each request."""
+        self.session.memory_cache = PrefixCache(self.session.memory_cache.max_bytes)
+        pinned = []
+        slot = self.slots[0]
+        for saved in self.pinned:
+            n = len(saved.tokens) // ALIGN * ALIGN
+            if n == 0:
+                continue
+            self._prefill(slot, saved.tokens[:n], logits=False)
+            pinned.append(SavedState(saved.tokens[:n], self.backend.seq_state(slot.seq), saved.source))
+            self.backend.seq_remove(slot.seq)
+            slot.tokens, slot.canon = [], 0
+        self.pinned = tuple(pinned)
 
     # -- the engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
@@ -243,7 +276,8 @@ class Engine:
                 slot.tokens, reuse, source, restored = list(saved.tokens), shared, saved.source, True
             except EdgeLLMError:  # no room for the whole snapshot: evaluate the prompt instead
                 reuse = 0
-        reuse = min(reuse, limit)
+        reuse = min(reuse, limit) // self.align * self.align
+        slot.canon = reuse
         if reuse < len(slot.tokens):
             # keep it for the conversation that comes back to it (a restored snapshot is kept already)
             if len(slot.tokens) >= STASH_MIN_TOKENS and not restored:
@@ -277,19 +311,43 @@ class Engine:
         for slot in self.slots:
             if slot.req is None or not slot.pending or budget <= 0:
                 continue
-            chunk = slot.pending[:budget]
+            chunk = slot.pending[:self._chunk_len(slot, budget)]
             work.append((slot, chunk, len(chunk) == len(slot.pending)))
             budget -= len(chunk)
         if self.batch:
             self._decode(work)
             return
         for item in work:  # each sequence gets a quantum of tokens in a row: see QUANTUM
+            slot, chunk, logits = item
+            if slot.next_token is None:  # a prompt chunk: evaluated in aligned pieces, see ALIGN
+                self._prefill(slot, chunk, logits)
+                continue
             self._decode([item])
-            slot = item[0]
             for _ in range(QUANTUM - 1):
                 if slot.req is None or slot.next_token is None or slot.req.cancelled:
                     break
                 self._decode([(slot, [slot.next_token], True)])
+
+    def _chunk_len(self, slot: Slot, budget: int) -> int:
+        """How much of slot's pending prompt this step evaluates: the budget, and in exact mode cut at a
+        multiple of ALIGN (at least to the next one), so the budget never moves where pieces split."""
+        if self.batch or budget >= len(slot.pending):
+            return budget
+        base = len(slot.tokens)
+        end = (base + budget) // ALIGN * ALIGN
+        return max(end, (base // ALIGN + 1) * ALIGN) - base
+
+    def _prefill(self, slot: Slot, chunk: list[int], logits: bool) -> None:
+        """Exact mode: evaluate `chunk` (continuing slot's tokens) in pieces that end at multiples of ALIGN,
+        one llama_decode each; a full piece that continues the canonical cells extends them."""
+        done = 0
+        while done < len(chunk):
+            base = len(slot.tokens)
+            piece = chunk[done:done + ALIGN - base % ALIGN]
+            done += len(piece)
+            if len(piece) == ALIGN and slot.canon == base:
+                slot.canon = base + ALIGN  # before the decode: a request ending on this token truncates to it
+            self._decode([(slot, piece, logits and done == len(chunk))])
 
     def _decode(self, group: list[tuple[Slot, list[int], bool]]) -> None:
         toks: list[int] = []
@@ -341,6 +399,11 @@ class Engine:
             if rest:
                 req.emit("piece", rest)
         req.text = slot.text.text if slot.text is not None else ""
+        if not self.batch and len(slot.tokens) > slot.canon:
+            # exact mode keeps only what a cold request would compute alike (see ALIGN)
+            with contextlib.suppress(EdgeLLMError):
+                self.backend.seq_remove(slot.seq, slot.canon)
+            del slot.tokens[slot.canon:]
         req.finish_reason, req.t_done = reason, time.monotonic()
         if slot.sampler is not None:
             self.backend.free_sampler(slot.sampler)
