@@ -221,7 +221,8 @@ def coreml_app(tmp_path_factory):
     pytest.importorskip("coremltools")
     from edgellm.converters.coreml_export import convert_to_coreml
 
-    pkg = Path(convert_to_coreml("smollm2-135m", tmp_path_factory.mktemp("coreml") / "smol.mlpackage").output)
+    pkg = Path(convert_to_coreml("smollm2-135m", tmp_path_factory.mktemp("coreml") / "smol.mlpackage",
+                                         calib_tokens=512).output)  # packaging is under test, not GPTQ
     return package_ios(pkg, tmp_path_factory.mktemp("ios") / "coreml-app")
 
 
