@@ -235,8 +235,9 @@ class _Fused(_Common):
         qt = self.plan.quantized[tag]
         if tag not in self._inits:
             g, key = self.g, f"{tag}.q{qt.bits}"
-            self._inits[tag] = (g.const(key, qt.data), g.const(f"{key}.scales", qt.scales),
-                                g.const(f"{key}.zero_points", qt.zero_points))
+            # float zero points are not stored: offset_linear takes them as per-block offsets
+            zps = "" if qt.zero_points.dtype == np.float32 else g.const(f"{key}.zero_points", qt.zero_points)
+            self._inits[tag] = (g.const(key, qt.data), g.const(f"{key}.scales", qt.scales), zps)
         return qt, self._inits[tag]
 
     def linear(self, x: str, tag: str, outputs: list[str] | None = None) -> str:
@@ -247,8 +248,28 @@ class _Fused(_Common):
             return g.op("MatMul", [x, g.const(f"{tag}.weight_t", np.ascontiguousarray(w.T))], name=tag,
                         outputs=outputs)[0]
         qt, (data, scales, zps) = self.quantized(tag)
+        if qt.zero_points.dtype == np.float32:
+            return self.offset_linear(x, tag, qt, data, scales, outputs)
         return g.op("MatMulNBits", [x, data, scales, zps], domain=MS, name=tag, outputs=outputs, K=qt.k, N=qt.n,
                     bits=qt.bits, block_size=qt.block, accuracy_level=self.plan.accuracy_level)[0]
+
+    def offset_linear(self, x: str, tag: str, qt: QuantTensor, data: str, scales: str,
+                      outputs: list[str] | None) -> str:
+        """Blocks with float zero points (GGUF's q·d + m, transcoded) as integer blocks plus one offset per
+        block: Σ (q − z)·s·x = Σ (q − 8)·s·x + Σ_blocks (8 − z)·s · (Σ_block x). MatMulNBits with its default
+        zero point takes onnxruntime's int8 kernel (accuracy_level 4), which float zero points rule out
+        (decode ran at 0.13× llama-bench with them); the offsets are one small float MatMul over the block
+        sums of x, K/block rows — the bytes the float zero points took."""
+        g = self.g
+        mid = 2 ** (qt.bits - 1)
+        offsets = ((mid - qt.zero_points.astype(np.float64)) * qt.scales).astype(np.float32)  # [N, K/block]
+        main = g.one("MatMulNBits", [x, data, scales], domain=MS, name=tag, K=qt.k, N=qt.n, bits=qt.bits,
+                     block_size=qt.block, accuracy_level=self.plan.accuracy_level)
+        nb = qt.k // qt.block
+        blocked = g.one("Reshape", [x, g.const(f"blocks_{nb}x{qt.block}", np.array([0, 0, nb, qt.block], np.int64))])
+        sums = g.one("ReduceSum", [blocked, g.const("last_axis", np.array([-1], np.int64))], keepdims=0)
+        shift = g.one("MatMul", [sums, g.const(f"{tag}.block_offsets", np.ascontiguousarray(offsets.T))])
+        return g.op("Add", [main, shift], outputs=outputs)[0]
 
     def layer(self, i: int, normed: str) -> str:
         g, c, p = self.g, self.c, f"model.layers.{i}"

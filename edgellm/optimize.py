@@ -26,6 +26,9 @@ from . import store
 from .errors import BackendError, UsageError
 
 QUALITY = {"lossless": 0.005, "balanced": 0.05}   # bound on mean KLD to the source file, held-out text
+# the transcoded graph's form, part of the decision's key and of the artifact's directory: 2 = float zero
+# points (Q4_1, Q4_K) as integer blocks plus per-block offsets (converters/onnx_graph.py, offset_linear)
+TRANSCODE_FORMAT = 2
 DEFAULT_QUALITY = "balanced"
 Progress = Callable[[str], None]
 
@@ -79,7 +82,7 @@ def versions() -> dict[str, str]:
     """What changes speed or numerics: edgellm, llama-cpp-python, onnxruntime (absent: not installed)."""
     from importlib import metadata
 
-    out = {}
+    out = {"transcode-format": str(TRANSCODE_FORMAT)}
     for dist in ("edgellm", "llama_cpp_python", "onnxruntime"):
         try:
             out[dist] = metadata.version(dist)
@@ -197,7 +200,7 @@ def _build(gguf: Path, work: Path, quality: str, say: Progress) -> list[Candidat
     from .converters.gguf_onnx import transcode
 
     cands = [Candidate("llama.cpp", "llama.cpp", str(gguf), gguf.stat().st_size)]
-    lossless = work / "onnx-lossless"
+    lossless = work / f"onnx-lossless-v{TRANSCODE_FORMAT}"
     c = Candidate("onnx-lossless", "onnxruntime", str(lossless))
     if not (lossless / "model.onnx").is_file():
         say("building the transcoded ONNX graph (GGUF blocks carried over, no re-rounding)")

@@ -4,6 +4,8 @@ computes with them what numpy does, and the transcoded graph of the real default
 the same file."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -73,3 +75,36 @@ def test_onnxruntime_computes_with_the_transcoded_blocks():
         y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         ref = x @ blocks.dequantize().T
         assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), type_name
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q4_K"])
+def test_float_zero_points_run_as_integer_blocks_plus_block_offsets(type_name):
+    """Q4_1/Q4_K blocks (value q·d + m: a float zero point) go into the fused graph as MatMulNBits with its
+    default zero point plus a per-block offset on the block sums of x (onnx_graph._Fused.offset_linear), so
+    onnxruntime's int8 kernel takes them. In float32 (accuracy level 0) the graph computes x·Wᵀ of the file's
+    exact weights; at level 4 the activations are rounded to 8 bits per block, as llama.cpp's kernels do."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    from edgellm.converters.gguf_onnx import quant_tensor
+    from edgellm.converters.onnx_graph import MS, GraphBuilder, WeightPlan, _Fused
+
+    w, raw = sample(type_name, n=48, k=512)
+    blocks = decode(type_name, raw, *w.shape)
+    assert blocks.float_zero_points
+    x = RNG.standard_normal((1, 3, 512)).astype(np.float32)
+    ref = x @ blocks.dequantize().T
+    for level, tolerance in ((0, 1e-5), (4, 2e-2)):
+        g = GraphBuilder()
+        plan = WeightPlan(bits={"u": None}, quantized={"u": quant_tensor(blocks)}, accuracy_level=level)
+        config = SimpleNamespace(rms_norm_eps=1e-5, tie_word_embeddings=False)  # all linear() reads of it
+        emit = _Fused(g, config, None, plan)
+        emit._inits = {}  # what start() sets up besides the graph's inputs
+        emit.linear("x", "u", outputs=["y"])
+        assert "MatMulNBits" in {n.op_type for n in g.nodes}
+        assert all(len(n.input) == 3 for n in g.nodes if n.op_type == "MatMulNBits")  # no float zero points
+        graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 512])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 48])], g.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
+        y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert np.abs(y - ref).max() <= tolerance * np.abs(ref).max(), (type_name, level)
