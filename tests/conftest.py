@@ -43,7 +43,8 @@ SLOW_FILES = frozenset({
     "test_deploy_board", "test_distill", "test_gguf_gptq", "test_gptq", "test_gptq_guard", "test_hostile_server",
     "test_memplan_accuracy", "test_mixed", "test_onnx", "test_onnx_exports", "test_onnx_quant", "test_optimize",
     "test_package_android", "test_package_ios", "test_prune", "test_refit", "test_rpc", "test_sampling_dist",
-    "test_serve", "test_serve_exact", "test_serve_limits", "test_speculate", "test_sweep", "test_transcode", "test_units_verify",
+    "test_serve", "test_serve_exact", "test_serve_limits", "test_speculate", "test_sweep", "test_transcode",
+    "test_units_verify",
     "test_web",
 })
 
