@@ -178,8 +178,14 @@ def run_reference(name: str, ref: Path, workdir: Path, types: list[str], ctx: in
                                          sens_tokens=sens_tokens, workdir=work, threads=threads,
                                          cache=workdir / f"{ref.stem}-options-{calib_tokens}-{sens_tokens}.json",
                                          progress=progress)
-    anchors = [r for q, _ in ANCHORS for r in rows if r["quant"] == q and r["variant"] == "llama.cpp"]
-    sizes = [a["bytes"] for a in anchors]
+    # mixed precision at each anchor's size, for both llama.cpp routes (llama-quantize picks other types for a few
+    # tensors when it has an imatrix, so those files can be a little smaller than the preset's)
+    anchors = [r for q, _ in ANCHORS for r in rows if r["quant"] == q and r["variant"] in ("llama.cpp",
+                                                                                           "llama.cpp+imatrix")]
+    sizes: list[int] = []
+    for size in sorted({a["bytes"] for a in anchors}):  # one run serves budgets within 0.1 % of each other
+        if not sizes or size > sizes[-1] * 1.001:
+            sizes.append(size)
     extra = mixed_rows(ref, sizes, options, overhead, n, imatrix, ctx=ctx, max_chunks=chunks, workdir=work,
                        threads=threads, without=exclude) if exclude else []
     for row in mixed_rows(ref, sizes, options, overhead, n, imatrix, ctx=ctx, max_chunks=chunks, workdir=work,
