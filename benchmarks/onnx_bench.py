@@ -88,6 +88,8 @@ def prepare(work: Path, threads: int, fresh: bool) -> dict[str, Path]:
         _log("llama.cpp Q4_0"), convert(src, p["q4_0"], quant="Q4_0", imatrix=False)
     for key, extra in BUILDERS.items():
         p[key] = p.get(key) or work / key.replace("_", "-")
+        if p[key].exists() and not (p[key] / "genai_config.json").exists():
+            shutil.rmtree(p[key])  # an interrupted build: the builder writes genai_config.json last
         if not p[key].exists():
             if not p["hf"].exists():
                 _log("HF directory for the builder"), convert(src, p["hf"], to="hf")

@@ -33,9 +33,10 @@ from .runtimes.sampling import distribution, penalized
 
 # Cost of one extra draft row in a verification batch, in units of a single-token step, measured with
 # `python benchmarks/speculative_bench.py --cost` (median over batches of 2-9 rows, SmolLM2-135M, 2 threads, this
-# project's 2-core AVX-512 x86 VM, quiet, 2026-12-06): llama.cpp Q4_1 0.29 (0.43-0.58 under load), onnxruntime's
-# transcoded graph 0.03. A larger, more bandwidth-bound model makes rows cheaper.
-ROW_COST = {"llama.cpp": 0.29, "onnxruntime": 0.03}
+# project's 2-core AVX-512 x86 VM, quiet, 2026-12-06): llama.cpp Q4_1 0.30 (0.43-0.58 under load), onnxruntime's
+# transcoded graph 0.16 (0.03 while its Q4_1 blocks ran on MatMulNBits' float path, before transcode format 2).
+# A larger, more bandwidth-bound model makes rows cheaper.
+ROW_COST = {"llama.cpp": 0.30, "onnxruntime": 0.16}
 DEFAULT_ROW_COST = 0.15
 
 

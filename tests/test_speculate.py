@@ -145,27 +145,44 @@ def test_sampled_generation_with_speculation(llm_spec):
 
 # -- ONNX backend ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def onnx_spec(default_model_path):
+def onnx_f32_spec(default_model_path, tmp_path_factory):
+    """The fused float32 graph: its batch rows equal single steps (noise ~2e-5), so AUTO turns lookup on."""
     from edgellm import optimize as opt
+    from edgellm.converters.gguf_source import read_gguf
+    from edgellm.converters.onnx_export import export_onnx
 
     assert opt.onnx_available(), "the onnx extra (part of the test extra) is not installed"
-    decision = opt.cached(default_model_path, "lossless") or opt.optimize(default_model_path, quality="lossless")
-    onnx = [c for c in decision.candidates if c.backend == "onnxruntime" and c.excluded is None]
-    assert onnx, "the transcoded ONNX form of the default model was not built"
-    s = edgellm.load(onnx[0].path, n_ctx=1024, disk_cache=False, sampler=GREEDY)
+    out = export_onnx(read_gguf(default_model_path), tmp_path_factory.mktemp("spec") / "f32", flavour="fused",
+                      quant="f32")
+    s = edgellm.load(out.output, n_ctx=1024, disk_cache=False, sampler=GREEDY)
     yield s
     s.close()
 
 
-def test_onnx_greedy_identical_and_drafts_accepted(onnx_spec):
-    assert onnx_spec.backend.name == "onnxruntime"
-    assert onnx_spec.generate(GROUNDED, max_tokens=40).stats.drafted > 0   # on by default here (exact batches)
-    plain, spec = _both(onnx_spec, GROUNDED, max_tokens=100)
+def test_onnx_greedy_identical_and_drafts_accepted(onnx_f32_spec):
+    s = onnx_f32_spec
+    assert s.backend.name == "onnxruntime"
+    assert s.generate(GROUNDED, max_tokens=40).stats.drafted > 0   # on by default here (exact batches)
+    plain, spec = _both(s, GROUNDED, max_tokens=100)
     assert spec.tokens == plain.tokens
     assert spec.stats.accepted >= 40, spec.stats
-    plain, spec = _both(onnx_spec, GROUNDED, max_tokens=100, stop=["Thomas Reed"])
+    plain, spec = _both(s, GROUNDED, max_tokens=100, stop=["Thomas Reed"])
     assert spec.text == plain.text and spec.stats.stop_reason == "stop"
-    assert onnx_spec.backend.n_past == len(onnx_spec.tokens)
+    assert s.backend.n_past == len(s.tokens)
+
+
+def test_auto_stays_off_where_batches_round_differently(default_model_path):
+    """The transcoded int4 graph (int8 kernels, accuracy level 4) rounds a batch row differently from a single
+    step, so greedy identity would not be exact: AUTO measures that and decodes plainly."""
+    from edgellm import optimize as opt
+    from edgellm.speculative_loop import EXACT_NOISE, batch_noise
+
+    decision = opt.cached(default_model_path, "lossless") or opt.optimize(default_model_path, quality="lossless")
+    onnx = [c for c in decision.candidates if c.backend == "onnxruntime" and c.excluded is None]
+    assert onnx, "the transcoded ONNX form of the default model was not built"
+    with edgellm.load(onnx[0].path, n_ctx=1024, disk_cache=False, sampler=GREEDY) as s:
+        c = s.generate(GROUNDED, max_tokens=24)
+        assert batch_noise(s, 9) > EXACT_NOISE and c.stats.drafted == 0
 
 
 # -- the acceptance rule, statistically ------------------------------------------------------------
