@@ -2,7 +2,7 @@
 holds and however many clients are served (engine.ALIGN). The second turn of a conversation is the hard
 case: its prompt holds the first answer, whose KV cells the warm path computed one token at a time while
 generating, and a cold run computes inside a prompt batch — llama.cpp rounds the two differently, and
-before the aligned chunks 2 of these 4 second turns changed their answer on a warm server."""
+before the aligned chunks a warm server changed these answers."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +13,7 @@ from serving import MODEL, running  # noqa: E402 - after the imports it needs
 PASSAGE = ("The lighthouse keeper's log for the winter of 1893 records forty-one storms, three shipwrecks "
            "and a single visitor: a botanist who came to study the lichens on the northern cliffs. ") * 3
 SYSTEM = "You are a careful assistant. Answer from the passage. " + PASSAGE
-QUESTIONS = ["How many storms were recorded?", "Who visited the lighthouse?", "What did the botanist study?",
-             "Write a short poem about the log."]
+QUESTIONS = ["Who visited the lighthouse?", "Write a short poem about the log."]
 FOLLOW_UP = "Say it again in other words."
 N = 40
 
@@ -55,7 +54,7 @@ def test_exact_answers_are_the_cold_answers_with_a_warm_cache_and_many_clients(d
             warm_cached.append(cached)
         assert min(warm_cached) >= 64, warm_cached  # every warm request did reuse cached cells
 
-        jobs = [*zip(first, cold_first), *zip(second, cold_second)] * 2  # 16 requests on 4 slots at once
+        jobs = [*zip(first, cold_first), *zip(second, cold_second)] * 2  # 8 requests on 4 slots at once
         with ThreadPoolExecutor(len(jobs)) as pool:
             together = list(pool.map(lambda job: _ask(url, job[0])[0], jobs))
     assert together == [want for _, want in jobs]
