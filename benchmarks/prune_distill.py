@@ -129,7 +129,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", default="100M")
     ap.add_argument("--align", type=int, default=256)
-    ap.add_argument("--minutes", type=float, default=32.0, help="distillation training budget")
+    ap.add_argument("--minutes", type=float, default=32.0,
+                    help="distillation training budget (0: score the pruned student untrained)")
     ap.add_argument("--gen-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=None, help="[default: 1 or 2, whichever is faster now]")
     ap.add_argument("--reps", type=int, default=5)
@@ -172,12 +173,15 @@ def main() -> None:
     pruned = prune_model(teacher, args.budget, align=args.align, threads=threads, refit=not args.no_refit)
     t_prune = time.perf_counter() - t0
     _log(f"pruned in {t_prune:.0f}s: {pruned.plan.shape.describe()}")
-    cfg = DistillConfig(minutes=args.minutes, threads=threads)
-    student, report = distill_model(pruned.checkpoint, shipped, cfg, gen_tokens=args.gen_tokens, evaluate=False,
-                                    work_dir=work / "distill-run",
-                                    on_step=lambda s: s["step"] % 25 == 0 and _log(
-                                        f"step {s['step']} loss {s['loss']:.4f} {s['tok_s']:.0f} tok/s "
-                                        f"ETA {s['eta_s'] / 60:.1f} min"))
+    cfg = DistillConfig(minutes=args.minutes or 1.0, threads=threads)
+    if args.minutes > 0:
+        student, report = distill_model(pruned.checkpoint, shipped, cfg, gen_tokens=args.gen_tokens, evaluate=False,
+                                        work_dir=work / "distill-run",
+                                        on_step=lambda s: s["step"] % 25 == 0 and _log(
+                                            f"step {s['step']} loss {s['loss']:.4f} {s['tok_s']:.0f} tok/s "
+                                            f"ETA {s['eta_s'] / 60:.1f} min"))
+    else:  # --minutes 0: the pruned (refitted) student as it is, before any training
+        student, report = pruned.checkpoint, {"training": {"skipped": "--minutes 0", "device": None}}
     t_total = time.perf_counter() - t0
     _log(f"prune + distill took {t_total / 60:.1f} min")
 
@@ -233,7 +237,8 @@ def main() -> None:
             "ppl_ratio_pruned_plain": quality["pruned_plain_f32"]["perplexity"] / teacher_ppl
             if "pruned_plain_f32" in quality else None,
             "ppl_ratio_distilled": quality["distilled_f32"]["perplexity"] / teacher_ppl,
-            "ppl_distilled_le_1.6x": quality["distilled_f32"]["perplexity"] <= 1.6 * teacher_ppl,
+            "ppl_distilled_le_1.6x": quality["distilled_f32"]["perplexity"] <= 1.6 * teacher_ppl
+            if args.minutes > 0 else None,
             "decode_speedup_q4_k_m": paired,   # median of per-round ratios (edgellm.bench.paired_ratio)
             "decode_speedup_of_medians": out["decode_speedup_of_medians"],
             "decode_ge_1.25x": paired >= 1.25,

@@ -297,8 +297,11 @@ def render_prune(d: dict) -> str:
             for k, v in q.items() if isinstance(v, dict)]
     out = [f"Student {d.get('student_shape')} ({num(d.get('student_params', 0) / 1e6, '.1f')}M parameters) from the "
            f"{num(d.get('teacher_params', 0) / 1e6, '.1f')}M teacher; teacher F32 held-out PPL "
-           f"{num(d.get('teacher_perplexity_f32'), '.2f')}; prune + distill took "
-           f"{num((d.get('prune_distill_seconds') or 0) / 60, '.1f')} min."]
+           f"{num(d.get('teacher_perplexity_f32'), '.2f')}; "
+           + (f"pruning (with the refit) took {num((d.get('prune_seconds') or 0) / 60, '.1f')} min; no distillation "
+              "(--minutes 0): the distilled rows are the pruned student untrained."
+              if get(d, "settings.minutes") == 0 else
+              f"prune + distill took {num((d.get('prune_distill_seconds') or 0) / 60, '.1f')} min.")]
     if rows:
         out += ["", table(["model", "file (MB)", "held-out PPL", "mean KLD", "top-1", "decode tok/s"], rows)]
     return "\n".join(out)
