@@ -48,6 +48,7 @@ TARGETS = (  # key, description, "min"/"max", bound
 
 
 # onnxruntime-genai builder variants: name -> --extra_options (on top of `-p int4 -e cpu`)
+FAILED: dict[str, str] = {}   # builder variants the builder could not make: key -> its last error line
 BUILDERS = {
     "builder": [],                                                     # its defaults: RTN, blocks of 32
     "builder_b64": ["block_size=64"],
@@ -86,7 +87,7 @@ def prepare(work: Path, threads: int, fresh: bool) -> dict[str, Path]:
         _log("F32 GGUF"), convert(src, p["f32_gguf"], quant="F32")
     if not p["q4_0"].exists():  # llama.cpp's own Q4_0, as llama-quantize makes it (no importance matrix)
         _log("llama.cpp Q4_0"), convert(src, p["q4_0"], quant="Q4_0", imatrix=False)
-    for key, extra in BUILDERS.items():
+    for key, extra in list(BUILDERS.items()):
         p[key] = p.get(key) or work / key.replace("_", "-")
         if p[key].exists() and not (p[key] / "genai_config.json").exists():
             shutil.rmtree(p[key])  # an interrupted build: the builder writes genai_config.json last
@@ -98,8 +99,13 @@ def prepare(work: Path, threads: int, fresh: bool) -> dict[str, Path]:
                                    str(p[key]), "-p", "int4", "-e", "cpu", "-c", str(work / "hf-cache"),
                                    *(["--extra_options", *extra] if extra else [])],
                                   check=False, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"the builder failed for {key}:\n{(proc.stdout + proc.stderr)[-2000:]}")
+            if proc.returncode != 0:  # a variant the builder cannot make is a finding, not the end of the run
+                lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+                FAILED[key] = lines[-1] if lines else f"exit status {proc.returncode}"
+                _log(f"the builder failed for {key}: {FAILED[key]}")
+                shutil.rmtree(p[key], ignore_errors=True)
+                del BUILDERS[key]
+                continue
         genai = p[key] / "genai_config.json"
         cfg = json.loads(genai.read_text())
         cfg["model"]["decoder"]["session_options"].update(intra_op_num_threads=threads, inter_op_num_threads=1)
@@ -235,6 +241,7 @@ def speed(p: dict[str, Path], threads: int, rounds: int, n_gen: int,
 
     from edgellm.bench import paired_ratio
 
+    names = tuple(n for n in names if n.removesuffix("_in_genai") not in FAILED)
     paths = {"fused_f32": p["fused_f32"], "portable_f32": p["portable_f32"], "fused_q4": p["fused_q4"],
              "unfused_q4": p["unfused_q4"], "int4": p["int4"], "int4_mixed": p["int4_mixed"],
              "builder_in_edgellm": p["builder"], "llama_q4_0": p["q4_0"], **{r: None for r in GENAI_RUNNERS}}
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                for k, what, how, bound in TARGETS if figures[k] is not None}
     import onnxruntime
     result = {"threads": args.threads, "rounds": args.rounds, "n_gen": args.gen, "kld_chunks": args.chunks,
-              "parts": sorted(parts), "builder_variants": BUILDERS, "best_builder": best,
+              "parts": sorted(parts), "builder_variants": BUILDERS, "builder_failed": FAILED, "best_builder": best,
               "onnxruntime": onnxruntime.__version__, "parity": par, "nodes": nod, "speed": spd, "quality": qual,
               "targets": targets}
     print(save(result, args.out, "onnx_bench.py", argv))

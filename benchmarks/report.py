@@ -214,6 +214,8 @@ def render_onnx(d: dict) -> str:
         out += ["", "onnxruntime-genai builder variants (`python -m onnxruntime_genai.models.builder -p int4 -e cpu "
                     "--extra_options ...`):", "",
                 table(["variant", "extra options"], [[k, " ".join(v) or "(defaults)"] for k, v in b.items()], "ll")]
+    for k, err in (d.get("builder_failed") or {}).items():
+        out += ["", f"The builder could not make `{k}`: `{err}`."]
     spd = d.get("speed") or {}
     if spd:
         out += ["", f"Decode, greedy, {d.get('n_gen')} tokens after a 1-token prompt, each runner in its own process, "
