@@ -101,7 +101,7 @@ def test_convert_is_atomic_and_a_kill_leaves_nothing(tmp_path, default_model_pat
 def test_chat_in_a_pseudo_terminal(tmp_path, default_model_path):
     import pexpect
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "120"}
-    child = pexpect.spawn(EDGELLM[0], [*EDGELLM[1:], "chat", "-t", "0", "-n", "300", "--no-disk-cache"],
+    child = pexpect.spawn(EDGELLM[0], [*EDGELLM[1:], "chat", "-t", "0", "-n", "1500", "--no-disk-cache"],
                           env=env, encoding="utf-8", timeout=120)
     child.expect(">>> ")
     child.sendline("Name a fruit.")
@@ -120,7 +120,7 @@ def test_chat_in_a_pseudo_terminal(tmp_path, default_model_path):
     child.sendline('"""Write a long story')
     child.sendline('about a dragon."""')
     child.expect('dragon."""\r\n')  # the terminal's echo of the input …
-    child.expect(r"\w+ \w+ \w+")  # … then the answer starts streaming …
+    child.expect(r"\w+ \w+ \w+")  # … then the answer starts streaming (1500 tokens: far longer than a Ctrl-C takes) …
     child.sendintr()  # … and Ctrl-C stops it
     child.expect("interrupted")
     child.expect(">>> ")
