@@ -9,12 +9,14 @@ import pytest
 # one llama.cpp / onnxruntime thread: tests run a client and a server (or a browser, an emulator) side by side
 # on 2 cores, and a step's threads wait at a barrier for the slowest one, so 2 threads that share a core with
 # the test's own work crawl (34x slower decode measured beside one busy process; docs/reliability.md)
+_THREADS_SET_BY_USER = bool(os.environ.get("EDGELLM_THREADS", "").strip())
 os.environ.setdefault("EDGELLM_THREADS", "1")
 # chat/run/serve measure the fastest backend on first use; tests run the model they name unless they opt in
 os.environ.setdefault("EDGELLM_OPTIMIZE", "0")
 
-# session-scoped fixtures shared by several test files: the Raspberry Pi bundle, the pruning teacher
-pytest_plugins = ["deploy_fixtures", "prune_fixtures"]
+# session-scoped fixtures shared by several test files: the Raspberry Pi bundle, the pruning teacher, the
+# converted forms of the default model (F32 GGUF, ONNX and Core ML exports)
+pytest_plugins = ["deploy_fixtures", "prune_fixtures", "model_fixtures"]
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +49,26 @@ SLOW_FILES = frozenset({
     "test_units_verify",
     "test_web",
 })
+
+
+# Files whose tests run one process at a time (converters and quality measurements: no server, client, browser or
+# emulator beside them) get every core, up to 4, instead: nothing shares the cores with their llama.cpp and
+# onnxruntime work, and at one thread they were a third of the suite's wall time with the second core idle.
+ALONE_FILES = frozenset({
+    "test_calibration", "test_checkpoint", "test_convert", "test_coreml", "test_distill", "test_gguf_gptq",
+    "test_gptq", "test_gptq_guard", "test_mixed", "test_onnx", "test_onnx_exports", "test_onnx_quant",
+    "test_package_ios", "test_prune", "test_refit", "test_sweep", "test_transcode",
+})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _all_cores_when_alone(request):
+    if _THREADS_SET_BY_USER or request.path.stem not in ALONE_FILES:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGELLM_THREADS", str(max(1, min(4, os.cpu_count() or 1))))
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

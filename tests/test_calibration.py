@@ -7,20 +7,15 @@ import pytest
 import edgellm
 from edgellm.converters.calibrate import compute_imatrix, dims_of, weight_getter
 from edgellm.converters.evaluate import evaluate
-from edgellm.converters.gguf_source import read_gguf
-from edgellm.converters.gguf_writer import write_gguf
 from edgellm.converters.quantize import quantize
 from edgellm.converters.reference import forward
 from edgellm.texts import calibration_text, heldout_text
 
 
 @pytest.fixture(scope="module")
-def f32_reference(default_model_path, tmp_path_factory):
+def f32_reference(shipped_ckpt, f32_gguf):
     """The shipped model dequantized to an F32 GGUF: the reference for quality figures."""
-    ckpt = read_gguf(default_model_path)
-    path = tmp_path_factory.mktemp("ref") / "f32.gguf"
-    write_gguf(ckpt, path, "F32")
-    return ckpt, path
+    return shipped_ckpt[0], f32_gguf
 
 
 def test_reference_forward_matches_llama_cpp(f32_reference):

@@ -22,6 +22,7 @@ from edgellm.errors import BackendError, EdgeLLMError, InvalidModelError, Unsupp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from device_fixtures import load_fixture
+from model_fixtures import COREML_CTX
 
 ON_MAC = sys.platform == "darwin"
 MAC_ONLY = pytest.mark.skipif(not ON_MAC, reason="Core ML prediction needs macOS 15+: coremltools cannot predict on "
@@ -29,7 +30,7 @@ MAC_ONLY = pytest.mark.skipif(not ON_MAC, reason="Core ML prediction needs macOS
 APPLE_SILICON = pytest.mark.skipif(not (ON_MAC and __import__("platform").machine() == "arm64"),
                                    reason="needs an Apple-silicon Mac (Metal GPU, Neural Engine)")
 PROMPT = "The three most important things to know about growing tomatoes are"
-CTX = 256
+CTX = COREML_CTX   # the int4 package is the shared fixture's
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 
@@ -39,35 +40,19 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # -- fixtures ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def cm_ckpt(default_model_path):
-    from edgellm.converters.calibrate import weight_getter
-    from edgellm.converters.gguf_source import read_gguf
-
-    ckpt = read_gguf(default_model_path)
-    return ckpt, weight_getter(ckpt)
-
-
-@pytest.fixture(scope="session")
-def cm_pkgs(cm_ckpt, default_model_path, tmp_path_factory):
-    """f16 via `edgellm convert --format coreml` (CLI), int4 via the API (shared float32 weights), an F32 GGUF."""
+def cm_pkgs(default_model_path, coreml_int4, f32_gguf, tmp_path_factory):
+    """f16 via `edgellm convert --format coreml` (CLI), int4 via the API (shared with the iOS packaging tests),
+    an F32 GGUF of the same weights."""
     from click.testing import CliRunner
 
     from edgellm.cli import cli
-    from edgellm.converters.coreml_export import export_coreml
-    from edgellm.converters.gguf_writer import write_gguf
 
-    ckpt, weights = cm_ckpt
     root = tmp_path_factory.mktemp("coreml")
     res = CliRunner().invoke(cli, ["convert", str(default_model_path), "--format", "coreml", "--quant", "f16",
                                    "--ctx", str(CTX), "-o", str(root / "f16" / "model.mlpackage"), "--json"])
     assert res.exit_code == 0, res.output
-    out = {"root": root, "f16": root / "f16" / "model.mlpackage", "f16_summary": json.loads(res.stdout)}
-    out["int4_res"] = export_coreml(ckpt, root / "int4" / "model.mlpackage", quant="int4", ctx=CTX, weights=weights,
-                                    calib_tokens=512)
-    out["int4"] = Path(out["int4_res"].output)
-    write_gguf(ckpt, root / "f32.gguf", "F32")
-    out["gguf"] = root / "f32.gguf"
-    return out
+    return {"root": root, "f16": root / "f16" / "model.mlpackage", "f16_summary": json.loads(res.stdout),
+            "int4_res": coreml_int4, "int4": Path(coreml_int4.output), "gguf": f32_gguf}
 
 
 @pytest.fixture(scope="session")

@@ -18,19 +18,14 @@ PAIRED_MARGIN = 0.9   # GPTQ's KLD ≤ 0.9 × rounding alone's
 
 
 @pytest.fixture(scope="module")
-def setup(default_model_path, tmp_path_factory):
-    from edgellm.converters.calibrate import weight_getter
-    from edgellm.converters.gguf_source import read_gguf
-    from edgellm.converters.gguf_writer import write_gguf
+def setup(shipped_ckpt, f32_gguf, tmp_path_factory):
     from edgellm.converters.onnx_export import calibrate_units
 
     tmp = tmp_path_factory.mktemp("gptq-guard")
-    ckpt = read_gguf(default_model_path)
-    f32 = tmp / "f32.gguf"
-    write_gguf(ckpt, f32, "F32")
+    ckpt, weights = shipped_ckpt
     calib = calibrate_units(ckpt, None, CALIB_TOKENS, fisher=False, gram=True)
     assert calib.n_tokens == CALIB_TOKENS and calib.gram, "the calibration pass collected no Gram matrices"
-    return tmp, ckpt, weight_getter(ckpt), calib, f32
+    return tmp, ckpt, weights, calib, f32_gguf
 
 
 def _int4_kld(setup, name: str, calibration) -> tuple[float, str]:

@@ -25,37 +25,24 @@ CPU_ONLY = ["CPUExecutionProvider"]
 
 
 @pytest.fixture(scope="session")
-def onnx_ckpt(default_model_path):
-    from edgellm.converters.calibrate import weight_getter
-    from edgellm.converters.gguf_source import read_gguf
-
-    ckpt = read_gguf(default_model_path)
-    return ckpt, weight_getter(ckpt)
+def onnx_ckpt(shipped_ckpt):
+    return shipped_ckpt
 
 
 @pytest.fixture(scope="session")
-def onnx_dirs(onnx_ckpt, tmp_path_factory):
-    """fused f32, portable f32 (via the CLI) and fused int4 exports, plus an F32 GGUF of the same weights."""
+def onnx_dirs(fused_f32_onnx, f32_gguf, onnx_int4, tmp_path_factory):
+    """fused f32, portable f32 (via the CLI) and fused int4 exports, plus an F32 GGUF of the same weights (all but
+    the portable export are tests/model_fixtures.py's, shared with other files)."""
     from click.testing import CliRunner
 
     from edgellm.cli import cli
-    from edgellm.converters.gguf_writer import write_gguf
-    from edgellm.converters.onnx_export import export_onnx
 
-    ckpt, weights = onnx_ckpt
     root = tmp_path_factory.mktemp("onnx")
-    out = {"root": root}
-    out["fused"] = Path(export_onnx(ckpt, root / "fused-f32", flavour="fused", quant="f32", weights=weights).output)
-    write_gguf(ckpt, root / "f32.gguf", "F32")
-    res = CliRunner().invoke(cli, ["convert", str(root / "f32.gguf"), "--format", "onnx", "--flavour", "portable",
+    res = CliRunner().invoke(cli, ["convert", str(f32_gguf), "--format", "onnx", "--flavour", "portable",
                                    "--quant", "f32", "-o", str(root / "portable-f32"), "--json"])
     assert res.exit_code == 0, res.output
-    out["cli_summary"] = json.loads(res.stdout)
-    out["portable"] = root / "portable-f32"
-    out["gguf"] = root / "f32.gguf"
-    out["int4"] = Path(export_onnx(ckpt, root / "fused-int4", flavour="fused", quant="int4", weights=weights,
-                                   calib_tokens=256).output)
-    return out
+    return {"fused": fused_f32_onnx, "portable": root / "portable-f32", "cli_summary": json.loads(res.stdout),
+            "gguf": f32_gguf, "int4": onnx_int4}
 
 
 def _load(path, **kw):

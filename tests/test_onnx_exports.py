@@ -19,19 +19,14 @@ EXPORTS = {("portable", "f16"): (0.9999, 1e-4, 32), ("portable", "int8"): (0.995
 
 
 @pytest.fixture(scope="module")
-def exported(default_model_path, tmp_path_factory):
-    from edgellm.converters.calibrate import weight_getter
-    from edgellm.converters.gguf_source import read_gguf
-    from edgellm.converters.gguf_writer import write_gguf
+def exported(shipped_ckpt, f32_gguf, tmp_path_factory):
     from edgellm.converters.onnx_export import export_onnx
 
     root = tmp_path_factory.mktemp("onnx-exports")
-    ckpt = read_gguf(default_model_path)
-    weights = weight_getter(ckpt)
-    write_gguf(ckpt, root / "f32.gguf", "F32")
+    ckpt, weights = shipped_ckpt
     dirs = {key: export_onnx(ckpt, root / f"{key[0]}-{key[1]}", flavour=key[0], quant=key[1], weights=weights)
             for key in EXPORTS}
-    return root / "f32.gguf", dirs
+    return f32_gguf, dirs
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,8 @@ def decision(default_model_path):
     return opt.optimize(default_model_path, quality="lossless")
 
 
-def test_transcoded_graph_is_the_gguf_within_noise(decision, default_model_path, tmp_path):
+def test_transcoded_graph_is_the_gguf_within_noise(decision, default_model_path, f32_gguf):
     from edgellm.converters.evaluate import evaluate
-    from edgellm.converters.pipeline import convert
     from edgellm.texts import heldout_text
 
     onnx = next(c for c in decision.candidates if c.name == "onnx-lossless")
@@ -37,10 +36,8 @@ def test_transcoded_graph_is_the_gguf_within_noise(decision, default_model_path,
     # the file's exactly (tests/test_transcode.py), and MatMulNBits at accuracy level 4 rounds activations to 8 bits
     # per block as llama.cpp's Q4_1 kernels do, so both land as far from the exact weights (measured: 2.79e-3 and
     # 2.80e-3; at level 0 the graph is 5e-7 from them but decodes at a tenth of the speed)
-    f32 = tmp_path / "f32.gguf"
-    convert(default_model_path, f32, quant="F32")
-    exact = evaluate(onnx.path, f32, heldout_text(), ctx=256, max_chunks=2)
-    native = evaluate(default_model_path, f32, heldout_text(), ctx=256, max_chunks=2)
+    exact = evaluate(onnx.path, f32_gguf, heldout_text(), ctx=256, max_chunks=2)
+    native = evaluate(default_model_path, f32_gguf, heldout_text(), ctx=256, max_chunks=2)
     assert exact.mean_kld < 1.25 * native.mean_kld and exact.top1_agreement > 0.95
 
 

@@ -50,7 +50,9 @@ needs_tools = pytest.mark.skipif(any(shutil.which(t) is None for t in ANDROID_TO
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory) -> Path:
-    """The default model as edgellm's int4 ONNX export (what the APK ships)."""
+    """The default model as edgellm's int4 ONNX export (what the APK ships). Not the shorter-calibrated int4 of
+    tests/model_fixtures.py: the engine's multi-turn test compares greedy texts, and on that export a near tie
+    between batch and single-step rounding flips the second turn's first token."""
     from edgellm.converters.onnx_export import convert_to_onnx
 
     return Path(convert_to_onnx("smollm2-135m", tmp_path_factory.mktemp("onnx") / "smol-int4").output)
@@ -189,14 +191,16 @@ def test_genai_folder_greedy_answer_equals_edgellm(onnx_dir):
     ids = [int(i) for i in og.Tokenizer(model).encode(prompt)]
     with edgellm.load(onnx_dir, n_ctx=2048, disk_cache=False) as s:
         assert ids == s.tokenize(prompt)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 32, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    got = []
-    while not gen.is_done() and len(got) < 32:
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 32, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        got = []
+        while not gen.is_done() and len(got) < 32:
+            gen.generate_next_token()
+            got.append(int(gen.get_next_tokens()[0]))
+        if len(got) == len(want) + 1:   # genai hands back the end-of-turn token too; edgellm stops before it
+            assert s.backend.is_eog(got.pop()), got
     assert got == want[:len(got)] and len(got) >= 8
 
 

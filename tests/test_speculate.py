@@ -145,16 +145,12 @@ def test_sampled_generation_with_speculation(llm_spec):
 
 # -- ONNX backend ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def onnx_f32_spec(default_model_path, tmp_path_factory):
+def onnx_f32_spec(fused_f32_onnx):
     """The fused float32 graph: its batch rows equal single steps (noise ~2e-5), so AUTO turns lookup on."""
     from edgellm import optimize as opt
-    from edgellm.converters.gguf_source import read_gguf
-    from edgellm.converters.onnx_export import export_onnx
 
     assert opt.onnx_available(), "the onnx extra (part of the test extra) is not installed"
-    out = export_onnx(read_gguf(default_model_path), tmp_path_factory.mktemp("spec") / "f32", flavour="fused",
-                      quant="f32")
-    s = edgellm.load(out.output, n_ctx=1024, disk_cache=False, sampler=GREEDY)
+    s = edgellm.load(fused_f32_onnx, n_ctx=1024, disk_cache=False, sampler=GREEDY)
     yield s
     s.close()
 

@@ -7,8 +7,6 @@ import sys
 
 import pytest
 
-from edgellm.converters.gguf_source import read_gguf
-from edgellm.converters.gguf_writer import write_gguf
 from edgellm.converters.sweep import VARIANTS, plot, sweep, write_table
 from edgellm.errors import UsageError
 
@@ -16,18 +14,16 @@ KEYS = {"variant", "quant", "bytes", "bpw", "ppl", "mean_kld", "p99_kld", "top1"
 
 
 @pytest.fixture(scope="module")
-def swept(default_model_path, tmp_path_factory):
+def swept(shipped_ckpt, f32_gguf, tmp_path_factory):
     """Q4_0 and Q8_0, both variants, on one short chunk against the F32 reference of the shipped model."""
-    ckpt = read_gguf(default_model_path)
     work = tmp_path_factory.mktemp("sweep")
-    ref = work / "f32.gguf"
-    write_gguf(ckpt, ref, "F32")
-    rows = sweep(ref, ["Q4_0", "q8_0"], ckpt=ckpt, calib_tokens=256, ctx=256, max_chunks=1, workdir=work / "q")
-    return rows, work
+    rows = sweep(f32_gguf, ["Q4_0", "q8_0"], ckpt=shipped_ckpt[0], calib_tokens=256, ctx=256, max_chunks=1,
+                 workdir=work / "q")
+    return rows, work, f32_gguf
 
 
 def test_rows_have_both_variants_of_each_type(swept):
-    rows, work = swept
+    rows, work, _ = swept
     assert [(r["quant"], r["variant"]) for r in rows] == [(q, v) for q in ("Q4_0", "Q8_0") for v in VARIANTS]
     for r in rows:
         assert set(r) == KEYS
@@ -36,7 +32,7 @@ def test_rows_have_both_variants_of_each_type(swept):
 
 
 def test_more_bits_mean_lower_kld(swept):
-    rows, _ = swept
+    rows, _, _ = swept
     get = {(r["quant"], r["variant"]): r for r in rows}
     for v in VARIANTS:
         assert get[("Q8_0", v)]["mean_kld"] < get[("Q4_0", v)]["mean_kld"]
@@ -46,7 +42,7 @@ def test_more_bits_mean_lower_kld(swept):
 
 
 def test_table_and_plot(swept, tmp_path):
-    rows, _ = swept
+    rows, _, _ = swept
     table = write_table(rows).splitlines()
     assert table[0].startswith("| type |") and len(table) == 2 + len(rows)
     png = plot(rows, tmp_path / "sweep.png")
@@ -76,8 +72,7 @@ def test_eval_option_errors(args, fragment):
 
 
 def test_eval_sweep_cli(swept, tmp_path):
-    _, work = swept
-    r = _edgellm("eval", str(work / "f32.gguf"), "--sweep", "Q8_0", "--ctx", "256", "--chunks", "1", "--json",
+    r = _edgellm("eval", str(swept[2]), "--sweep", "Q8_0", "--ctx", "256", "--chunks", "1", "--json",
                  "--out", str(tmp_path / "rows.json"), "--plot", str(tmp_path / "sweep.png"))
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
