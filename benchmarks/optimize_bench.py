@@ -6,6 +6,8 @@ the llama.cpp that llama-cpp-python vendors, benchmarks/llama_bench.py), then ev
 times it (a streamed chat's decode tok/s, a 256-token prefill). Ratios are per round, then the median. Targets
 (issue 18): lossless (KLD ≤ 0.005) decode ≥ 1.5x llama-bench, balanced (KLD ≤ 0.05) ≥ 2.0x, prefill ≥ 1.0x
 pp512, optimize ≤ 90 s. The bandwidth ceiling is what this machine's memory can stream over each candidate's bytes.
+Then the runtime's TTFT targets on each chosen path (edgellm.bench.measure_ttft: warm ≤ 10 %, after a restart
+≤ 20 %, shipped system-prompt state ≤ 25 % of cold), with the GGUF on llama.cpp measured the same way beside it.
 
     python benchmarks/optimize_bench.py --threads 2 --rounds 3      # writes benchmarks/out/optimize_bench.json
 """
@@ -24,6 +26,7 @@ import benchmeta  # noqa: E402
 from llama_bench import ensure_llama_bench, run_llama_bench  # noqa: E402
 
 TARGETS = {"lossless": 1.5, "balanced": 2.0}
+TTFT_TARGETS = {"warm_vs_cold": 0.10, "restart_vs_cold": 0.20, "shipped_vs_without": 0.25}
 CHAT_DEPTH = 80   # optimize's timing chat: ~30 prompt tokens, then 96 decoded; the mean KV depth while decoding
 
 
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     benchmeta.start()
     from edgellm import store
-    from edgellm.bench import measure_bandwidth
+    from edgellm.bench import measure_bandwidth, measure_ttft
     from edgellm.optimize import _fingerprint, _time, _work_dir, optimize
 
     gguf = store.resolve(args.model).path
@@ -99,10 +102,22 @@ def main(argv: list[str] | None = None) -> None:
                                                   "bound": "≤ 90",
                                                   "value": decisions[quality]["seconds"],
                                                   "pass": decisions[quality]["seconds"] <= 90}
+    ttft = {}
+    for name in dict.fromkeys(["llama.cpp", *(d["winner"] for d in decisions.values())]):
+        _log(f"TTFT cold / warm / restart / shipped state on {name}")
+        path = str(gguf) if name == "llama.cpp" else paths[name][1]
+        ttft[name] = {k: v for k, v in measure_ttft(path, threads=args.threads, repetitions=args.rounds,
+                                                    progress=_log).items() if k != "reps"}
+    for name in ttft:
+        if name == "llama.cpp":
+            continue
+        for key, bound in TTFT_TARGETS.items():
+            targets[f"{name}_ttft_{key}"] = {"what": f"{name}: TTFT {key.replace('_', ' ')}", "bound": f"≤ {bound}",
+                                             "value": ttft[name][key], "pass": ttft[name][key] <= bound}
     result = {"threads": args.threads, "cold": not args.warm, "kv_depth": CHAT_DEPTH, "model": str(gguf),
               "decisions": decisions,
               "rounds": rounds, "ratios": ratios, "bandwidth_gbs": round(bw, 2), "ceiling": ceiling,
-              "targets": targets}
+              "ttft": ttft, "targets": targets}
     print(benchmeta.save(result, args.out, "optimize_bench.py", argv))
 
 
