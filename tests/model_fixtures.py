@@ -1,8 +1,8 @@
 """Session fixtures for the converted forms of the default model that several test files read.
 
-Each was built once per file before (the dequantized checkpoint five times, the F32 GGUF five times, the int4
-ONNX export and the int4 Core ML package twice each): about two minutes of a CI run. Tests only read them;
-a test that needs to change one copies it first.
+The dequantized checkpoint and its F32 GGUF were each built by up to seven files, the fused f32 ONNX graph by two:
+about a minute and a half of a CI run. The int4 ONNX and Core ML exports live here beside them. Tests only read
+these; a test that needs to change one copies it first.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ COREML_CTX = 256
 @pytest.fixture(scope="session")
 def coreml_int4(default_model_path, tmp_path_factory):
     """The int4 Core ML package as `edgellm convert --format coreml` makes it (256-token context, 512 calibration
-    tokens): the exporter's tests and the iOS packaging tests read the same package."""
+    tokens), beside the f16 one of tests/test_coreml.py."""
     pytest.importorskip("coremltools")
     from edgellm.converters.coreml_export import convert_to_coreml
 

@@ -101,8 +101,11 @@ def test_convert_is_atomic_and_a_kill_leaves_nothing(tmp_path, default_model_pat
 def test_chat_in_a_pseudo_terminal(tmp_path, default_model_path):
     import pexpect
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "120"}
+    # SIGINT at its default in the chat, however the test run itself was started (a background job of a
+    # non-interactive shell inherits it ignored)
     child = pexpect.spawn(EDGELLM[0], [*EDGELLM[1:], "chat", "-t", "0", "-n", "1500", "--no-disk-cache"],
-                          env=env, encoding="utf-8", timeout=120)
+                          env=env, encoding="utf-8", timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect(">>> ")
     child.sendline("Name a fruit.")
     child.expect(r"tok/s")

@@ -1,0 +1,92 @@
+"""Where edgellm's llama.cpp decode loses to llama-bench: the context size and flash attention, in one run.
+
+llama-bench sizes its context to the test (`tg128` runs in a 128-cell context); a chat runs in thousands. Per round
+(interleaved): llama-bench `-p 0 -n 128 -r 1` with flash attention off and on, then edgellm's bare decode loop
+(`eval` one token, greedy `sample`, as edgellm.bench.SpeedBench.edgellm_tg times it) in sessions of several
+`n_ctx` and flash-attention settings. Ratios are per round against llama-bench at the same flash-attention setting,
+then the median. Target (issue 18): ≥ 0.97 at the default settings (flash attention `auto`, on for the CPU).
+
+    python benchmarks/decode_context.py --threads 2 --rounds 5     # writes benchmarks/out/decode_context.json
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchmeta  # noqa: E402
+from llama_bench import ensure_llama_bench, run_llama_bench  # noqa: E402
+
+VARIANTS = ((256, False), (2048, False), (2048, True), (8192, True))   # (n_ctx, flash attention)
+N_GEN = 128
+
+
+def _log(msg: str) -> None:
+    print(f"[decode_context {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _loop(session, n: int) -> float:
+    """tok/s of n greedy steps after one untimed step, as SpeedBench.edgellm_tg."""
+    from edgellm import GREEDY
+
+    be = session.backend
+    session.reset()
+    be.eval([1])
+    tok = be.sample(GREEDY)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        be.eval([tok])
+        tok = be.sample(GREEDY)
+    dt = time.perf_counter() - t0
+    be.truncate(0)
+    return n / dt
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=benchmeta.out_path("decode_context"))
+    args = ap.parse_args(argv)
+    benchmeta.start()
+    import edgellm
+    from edgellm import GREEDY, store
+
+    model = store.pull(quiet=True)
+    exe = ensure_llama_bench()
+    sessions = {f"ctx{n}-fa{'on' if fa else 'off'}": (fa, edgellm.load(model, n_ctx=n, threads=args.threads,
+                                                                         disk_cache=False, sampler=GREEDY,
+                                                                         flash_attn=fa, speculate=False))
+                for n, fa in VARIANTS}
+    runs: dict[str, list[float]] = {"llama-bench-faoff": [], "llama-bench-faon": [], **{k: [] for k in sessions}}
+    try:
+        for r in range(args.rounds):
+            _log(f"round {r + 1}/{args.rounds}")
+            for fa in (False, True) if r % 2 == 0 else (True, False):
+                runs[f"llama-bench-fa{'on' if fa else 'off'}"].append(
+                    run_llama_bench(model, args.threads, 0, N_GEN, 1, exe, fa)["tg_tps"])
+            for name, (_, s) in sessions.items() if r % 2 == 0 else reversed(sessions.items()):
+                runs[name].append(_loop(s, N_GEN))
+    finally:
+        for _, s in sessions.values():
+            s.close()
+    med = statistics.median
+    ratios = {name: round(med(a / b for a, b in zip(runs[name], runs[f"llama-bench-fa{'on' if fa else 'off'}"])), 3)
+              for name, (fa, _) in sessions.items()}
+    default = "ctx2048-faon"
+    result = {"threads": args.threads, "n_gen": N_GEN, "rounds": args.rounds,
+              "median_tps": {k: round(med(v), 1) for k, v in runs.items()},
+              "vs_llama_bench_same_fa": ratios,
+              "targets": {"default_decode": {
+                  "what": f"edgellm loop at {default} / llama-bench tg128 (flash attention on)",
+                  "bound": "≥ 0.97", "value": ratios[default], "pass": ratios[default] >= 0.97}},
+              "runs": runs}
+    print(benchmeta.save(result, args.out, "decode_context.py", argv))
+
+
+if __name__ == "__main__":
+    main()
