@@ -58,8 +58,7 @@ COREML_CTX = 256
 def coreml_int4(default_model_path, tmp_path_factory):
     """The int4 Core ML package as `edgellm convert --format coreml` makes it (256-token context, 512 calibration
     tokens), beside the f16 one of tests/test_coreml.py."""
-    pytest.importorskip("coremltools")
-    from edgellm.converters.coreml_export import convert_to_coreml
+    from edgellm.converters.coreml_export import convert_to_coreml  # coremltools: in the test extra, never skipped
 
     return convert_to_coreml(str(default_model_path), tmp_path_factory.mktemp("coreml-int4") / "model.mlpackage",
                              ctx=COREML_CTX, calib_tokens=512)
