@@ -2,7 +2,7 @@
 
 llama-bench sizes its context to the test (`tg128` runs in a 128-cell context); a chat runs in thousands. Per round
 (interleaved): llama-bench `-p 0 -n 128 -r 1` with flash attention off and on, then edgellm's bare decode loop
-(`eval` one token, greedy `sample`, as edgellm.bench.SpeedBench.edgellm_tg times it) in sessions of several
+(edgellm.bench.greedy_decode_tps, what SpeedBench.edgellm_tg times) in sessions of several
 `n_ctx` and flash-attention settings. Ratios are per round against llama-bench at the same flash-attention setting,
 then the median. Target (issue 18): ≥ 0.97 at the default settings (flash attention `auto`, on for the CPU).
 
@@ -29,23 +29,6 @@ def _log(msg: str) -> None:
     print(f"[decode_context {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _loop(session, n: int) -> float:
-    """tok/s of n greedy steps after one untimed step, as SpeedBench.edgellm_tg."""
-    from edgellm import GREEDY
-
-    be = session.backend
-    session.reset()
-    be.eval([1])
-    tok = be.sample(GREEDY)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        be.eval([tok])
-        tok = be.sample(GREEDY)
-    dt = time.perf_counter() - t0
-    be.truncate(0)
-    return n / dt
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -55,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     benchmeta.start()
     import edgellm
     from edgellm import GREEDY, store
+    from edgellm.bench import greedy_decode_tps
 
     model = store.pull(quiet=True)
     exe = ensure_llama_bench()
@@ -70,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs[f"llama-bench-fa{'on' if fa else 'off'}"].append(
                     run_llama_bench(model, args.threads, 0, N_GEN, 1, exe, fa)["tg_tps"])
             for name, (_, s) in sessions.items() if r % 2 == 0 else reversed(sessions.items()):
-                runs[name].append(_loop(s, N_GEN))
+                runs[name].append(greedy_decode_tps(s, N_GEN, first=1))
     finally:
         for _, s in sessions.values():
             s.close()

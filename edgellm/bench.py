@@ -84,6 +84,25 @@ def random_tokens(n_vocab: int, n: int, bos: int | None, seed: int = 0) -> list[
 # ------------------------------------------------------------------ pp / tg, edgellm vs the anchor
 
 
+def greedy_decode_tps(session: Any, n: int, first: int) -> float:
+    """tok/s of n greedy steps (eval one token, sample) after one untimed step from `first`: the decode loop with
+    nothing around it, as llama-bench's tg times llama.cpp's."""
+    from . import GREEDY
+
+    be = session.backend
+    session.reset()
+    be.reset_sampler(GREEDY, ())
+    be.eval([first])
+    tok = be.sample(GREEDY)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        be.eval([tok])
+        tok = be.sample(GREEDY)
+    dt = time.perf_counter() - t0
+    be.truncate(0)
+    return n / dt
+
+
 @dataclass
 class SpeedBench:
     """An edgellm session and (optionally) a raw `llama_cpp.Llama` on the same model and threads.
@@ -143,21 +162,7 @@ class SpeedBench:
 
     def edgellm_tg(self, n_gen: int | None = None) -> float:
         """Greedy decode through the native sampler: only the sample + eval steps are timed."""
-        from . import GREEDY
-
-        n = n_gen or self.n_gen
-        be = self.session.backend
-        self.session.reset()
-        be.reset_sampler(GREEDY, ())
-        be.eval([self._first])
-        tok = be.sample(GREEDY)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            be.eval([tok])
-            tok = be.sample(GREEDY)
-        dt = time.perf_counter() - t0
-        be.truncate(0)
-        return n / dt
+        return greedy_decode_tps(self.session, n_gen or self.n_gen, self._first)
 
     def session_decode(self) -> float:
         """Decode tok/s of a real chat answer (template, stop handling, streaming): Stats.decode_tps."""
