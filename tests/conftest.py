@@ -57,11 +57,8 @@ SLOW_FILES = frozenset({
 ALONE_FILES = frozenset({
     "test_calibration", "test_checkpoint", "test_convert", "test_coreml", "test_distill", "test_gguf_gptq",
     "test_gptq", "test_gptq_guard", "test_mixed", "test_onnx", "test_onnx_exports", "test_onnx_quant",
-    "test_prune", "test_refit", "test_sweep", "test_transcode",
+    "test_package_ios", "test_prune", "test_refit", "test_sweep", "test_transcode",
 })
-# Not test_package_ios: its 4-bit Core ML package answers a greedy question, and in the two full runs with it here
-# the answer flipped at a near tie ("Paris" → "L'Étoque is an ancient city in France"); at one thread it passed
-# every CI run before.
 
 
 @pytest.fixture(scope="module", autouse=True)
