@@ -295,8 +295,8 @@ def render_prune(d: dict) -> str:
     q = d.get("quality", {})
     speed = d.get("decode_tps", {})
     rows = [[k, num(v.get("bytes", 0) / 1e6, ".1f") if v.get("bytes") else "", num(v.get("perplexity"), ".2f"),
-             num(v.get("mean_kld"), ".3f"), num(100 * (v.get("top1") or 0), ".1f", "%"), num(speed.get(k), ".1f")]
-            for k, v in q.items() if isinstance(v, dict)]
+             num(v.get("mean_kld"), ".3f"), num(100 * (v.get("top1_agreement", v.get("top1")) or 0), ".1f", "%"),
+             num(speed.get(k), ".1f")] for k, v in q.items() if isinstance(v, dict)]
     out = [f"Student {d.get('student_shape')} ({num(d.get('student_params', 0) / 1e6, '.1f')}M parameters) from the "
            f"{num(d.get('teacher_params', 0) / 1e6, '.1f')}M teacher; teacher F32 held-out PPL "
            f"{num(d.get('teacher_perplexity_f32'), '.2f')}; "
@@ -304,6 +304,14 @@ def render_prune(d: dict) -> str:
               "(--minutes 0): the distilled rows are the pruned student untrained."
               if get(d, "settings.minutes") == 0 else
               f"prune + distill took {num((d.get('prune_distill_seconds') or 0) / 60, '.1f')} min.")]
+    tr, dist = get(d, "distill.training") or {}, d.get("distill") or {}
+    if tr.get("val_curve"):
+        curve = tr["val_curve"]
+        out += ["", f"Training data: {dist.get('training_text')} ({dist.get('training_tokens')} tokens; teacher data "
+                f"{num((dist.get('data_seconds') or 0) / 60, '.1f')} min); {tr.get('steps')} steps, "
+                f"{tr.get('tokens')} tokens in {num((tr.get('seconds') or 0) / 60, '.1f')} min. Held-back KD loss "
+                f"{num(curve[0][1], '.3f')} → {num(min(v for _, v in curve), '.3f')}, lowest at step "
+                f"{tr.get('best_step')} (the weights kept)."]
     if rows:
         out += ["", table(["model", "file (MB)", "held-out PPL", "mean KLD", "top-1", "decode tok/s"], rows)]
     return "\n".join(out)
@@ -401,7 +409,7 @@ SECTIONS = (
             "llama.cpp's own route: convert_hf_to_gguf.py --outtype f16, then llama_model_quantize",
             render_convert, "docs/convert.md"),
     Section("prune_distill", "Pruning and distillation",
-            "python benchmarks/prune_distill.py --minutes 32",
+            "python benchmarks/prune_distill.py --minutes 35 --threads 2",
             "the teacher quantized to the student's size (a preset and --target-size)", render_prune,
             "docs/prune-distill.md"),
     Section("coreml", "Core ML export",

@@ -122,3 +122,90 @@ def test_device_choice_and_the_bf16_autocast_path(kd_setup, tmp_path):
     assert all(w.dtype == np.float32 for _, w in trained.tensors)     # master weights stay float32
     idx = np.arange(len(data.tokens))
     assert _kl(trained, data, idx) < _kl(student, data, idx)
+
+
+def test_held_back_sequences_pick_the_returned_weights(kd_setup, tmp_path):
+    """With sequences held back, the run measures their loss at the start, during and at the end, never trains
+    on them, and returns the weights at the lowest point of that curve — the start itself when training at a
+    learning rate far too high only makes the held-back loss worse."""
+    student, data = kd_setup
+    n = len(data.tokens)
+    held = np.arange(n - 2, n)
+    good = DistillConfig(tokens=6 * STEP_TOKENS, batch=2, lr=1e-3, warmup=0.0, val_seqs=2, eval_every_s=0.0)
+    trained, res = distill(student, data, good, tmp_path / "good")
+    steps = [s for s, _ in res.val_curve]
+    assert steps == list(range(7))                      # step 0, after every step (eval_every_s=0), no repeat
+    best_step, best_loss = min(res.val_curve, key=lambda r: r[1])
+    assert res.best_step == best_step
+    assert _kl(trained, data, held) == pytest.approx(best_loss, rel=1e-4)
+    assert res.val_curve[0][1] == pytest.approx(_kl(student, data, held), rel=1e-4)
+
+    wild = dataclasses.replace(good, lr=3.0)
+    trained, res = distill(student, data, wild, tmp_path / "wild")
+    assert res.best_step == 0 and min(v for _, v in res.val_curve[1:]) > res.val_curve[0][1]
+    assert _kl(trained, data, held) == pytest.approx(_kl(student, data, held), rel=1e-5)
+    with pytest.raises(UsageError, match="hold back"):
+        distill(student, data, dataclasses.replace(good, val_seqs=n), tmp_path / "all")
+
+
+def test_teacher_generations_are_seeded_prompted_pieces(default_model_path, tmp_path, monkeypatch):
+    """Sampled side by side, each piece is a prompt (cut to the shortest prompt's length) plus the teacher's
+    continuation plus EOS; the same seed gives the same text, another seed other text."""
+    import edgellm
+    from edgellm.converters.gguf_source import read_gguf
+    from edgellm.converters.kd_data import prompts_from, teacher_generations
+
+    monkeypatch.setenv("EDGELLM_HOME", str(tmp_path))       # no cache shared with other runs
+    model = to_torch(read_gguf(default_model_path)).eval()
+    prompts = prompts_from(calibration_text())[:3]
+    with edgellm.load(default_model_path, n_ctx=256, disk_cache=False) as s:
+        eos = s.backend.special_token("eos")
+        a = teacher_generations(model, s, prompts, 40, seed=1, max_len=6, batch=3)
+        assert a == teacher_generations(model, s, prompts, 40, seed=1, max_len=6, batch=3)      # cached: same
+        b = teacher_generations(model, s, prompts, 40, seed=2, max_len=6, batch=3)
+        plain = [s.tokenize(p, special=False) for p in prompts]
+    width = min(map(len, plain))
+    pieces, cur = [], []
+    for tok in a:
+        cur.append(tok)
+        if tok == eos:
+            pieces.append(cur)
+            cur = []
+    assert len(pieces) >= 3 and not cur
+    for i, piece in enumerate(pieces):
+        assert piece[:width] == plain[i % 3][:width] and width < len(piece) <= width + 7
+    assert a != b and len(a) >= 40
+
+
+def test_distill_cli_writes_the_best_held_back_weights(kd_setup, tmp_path, default_model_path, capsys):
+    """`edgellm distill` end to end on a tiny student: JSON report with the held-back curve, the written GGUF
+    loads and answers; a too-short text and an existing output are one-line errors that write nothing."""
+    import json
+
+    import edgellm
+    from edgellm.converters.gguf_writer import write_gguf
+
+    student, _ = kd_setup
+    src, text, dest = tmp_path / "s.gguf", tmp_path / "t.txt", tmp_path / "kd.gguf"
+    write_gguf(student, src, "F32")
+    text.write_text(calibration_text())                    # ~30 sequences of 256 tokens: one is held back
+    args = ["distill", str(src), "--teacher", str(default_model_path), "-o", str(dest), "--text", str(text),
+            "--tokens", "2048", "--no-eval", "--threads", "2", "--json"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    tr = report["training"]
+    assert tr["steps"] == 2 and [s for s, _ in tr["val_curve"]] == [0, 2]
+    assert tr["best_step"] == min(tr["val_curve"], key=lambda r: r[1])[0]
+    with edgellm.load(dest, n_ctx=128, disk_cache=False, sampler=edgellm.GREEDY) as s:
+        assert len(s.generate("The", max_tokens=2).tokens) >= 1
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code != 0 and "--force" in capsys.readouterr().err
+    text.write_text("far too short")
+    with pytest.raises(SystemExit) as e:
+        main([*args[:4], "-o", str(tmp_path / "never.gguf"), *args[6:]])
+    assert e.value.code != 0 and "tokens" in capsys.readouterr().err
+    assert not (tmp_path / "never.gguf").exists()

@@ -29,10 +29,12 @@ def command(student: str, teacher: str, output: Path, minutes: float | None, tra
     """Distillation: STUDENT (e.g. from `edgellm prune`) is trained (on a CUDA GPU in bf16 when torch sees
     one, else on the CPU; --device) to match the TEACHER's
     next-token distribution (forward KL with temperature; --loss rkl/skl for reverse or skew KL). The
-    teacher's top-k logits are computed once in llama.cpp and cached. Without --text, the training text
-    is the calibration text plus continuations the teacher samples (sequence-level KD); the held-out
-    evaluation text is never trained on. Interrupted runs resume from the last saved step when the same
-    command is run again. Perplexity and KL to the teacher on held-out text are reported before and after.
+    teacher's top-k logits are computed once, in float32 with torch, and cached. Without --text, the training
+    text is the calibration text plus --gen-tokens of continuations the teacher samples (sequence-level KD);
+    the held-out evaluation text is never trained on. One sequence in 20 (at most 8) is held back and the
+    weights where its loss was lowest are the ones written. Interrupted runs resume from the last saved step
+    when the same command is run again. Perplexity and KL to the teacher on held-out text are reported
+    before and after.
 
     \b
     Examples:
@@ -66,6 +68,11 @@ def command(student: str, teacher: str, output: Path, minutes: float | None, tra
     tr = report["training"]
     err.print(f"trained {tr['steps']} steps, {tr['tokens']} tokens in {tr['seconds'] / 60:.1f} min "
               f"(loss {tr['first_loss']:.4f} → {tr['last_loss']:.4f}; resumed from step {tr['resumed_from_step']})")
+    if tr.get("best_step") is not None:
+        curve = tr["val_curve"]
+        best = min(v for _, v in curve)
+        err.print(f"held-back loss {curve[0][1]:.4f} → {best:.4f}, lowest at step {tr['best_step']} of {tr['steps']}: "
+                  "those weights are written")
     for when in ("before", "after"):
         if when in report:
             r = report[when]
