@@ -211,17 +211,20 @@ def distill(student: Checkpoint, data: KDData, cfg: DistillConfig, work_dir: Pat
     curve: list = list(st.get("val_curve", [])) if resumed else []
     best: dict | None = st.get("best") if resumed else None
 
+    def batch_loss(b: np.ndarray):
+        """The KD loss of sequences `b`: the model under autocast, the loss itself in float32."""
+        def on(a: np.ndarray):
+            return torch.from_numpy(a[b]).to(device)
+
+        with autocast:
+            logits = model(input_ids=on(data.tokens)).logits
+        return kd_loss(logits, on(data.topk_ids), on(data.topk_logits), on(data.lse), kind=cfg.loss,
+                       temperature=cfg.temperature, skew=cfg.skew)
+
     def val_loss() -> float:
-        losses_v = []
-        with torch.no_grad(), autocast:
-            for s in range(n_seq, n_all, cfg.batch):
-                b = np.arange(s, min(n_all, s + cfg.batch))
-                logits = model(input_ids=torch.from_numpy(data.tokens[b]).to(device)).logits
-                losses_v.append(float(kd_loss(logits, torch.from_numpy(data.topk_ids[b]).to(device),
-                                              torch.from_numpy(data.topk_logits[b]).to(device),
-                                              torch.from_numpy(data.lse[b]).to(device), kind=cfg.loss,
-                                              temperature=cfg.temperature, skew=cfg.skew)) * len(b))
-        return sum(losses_v) / n_val
+        with torch.no_grad():
+            return sum(float(batch_loss(np.arange(s, min(n_all, s + cfg.batch)))) * min(cfg.batch, n_all - s)
+                       for s in range(n_seq, n_all, cfg.batch)) / n_val
 
     def measure() -> None:
         nonlocal best
@@ -258,12 +261,7 @@ def distill(student: Checkpoint, data: KDData, cfg: DistillConfig, work_dir: Pat
             b = batch_of(step)
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg, frac())
-            ids = torch.from_numpy(data.tokens[b]).to(device)
-            with autocast:
-                logits = model(input_ids=ids).logits
-            loss = kd_loss(logits, torch.from_numpy(data.topk_ids[b]).to(device),   # the loss itself in float32
-                           torch.from_numpy(data.topk_logits[b]).to(device), torch.from_numpy(data.lse[b]).to(device),
-                           kind=cfg.loss, temperature=cfg.temperature, skew=cfg.skew)
+            loss = batch_loss(b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

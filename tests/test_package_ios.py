@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from model_fixtures import COREML_CTX
 
 from edgellm import memplan
 from edgellm.errors import InsufficientMemoryError, UnsupportedModelError, UsageError
@@ -262,7 +263,7 @@ def test_bundled_mlpackage_passes_the_core_ml_checks_and_answers(coreml_app):
     import edgellm
     from edgellm.texts import heldout_text
 
-    with load_coreml(bundled, device="interpreter", n_ctx=512,
+    with load_coreml(bundled, device="interpreter", n_ctx=COREML_CTX,
                      session_kw={"disk_cache": False, "sampler": edgellm.GREEDY}) as s:
         answer = s.generate(prompt, max_tokens=12)
         # greedy (the default sampler draws at temperature 0.7: two CI runs sampled 'L'Étoque …' here); the 4-bit
