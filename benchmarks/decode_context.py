@@ -4,7 +4,9 @@ llama-bench sizes its context to the test (`tg128` runs in a 128-cell context); 
 (interleaved): llama-bench `-p 0 -n 128 -r 1` with flash attention off and on, then edgellm's bare decode loop
 (edgellm.bench.greedy_decode_tps, what SpeedBench.edgellm_tg times) in sessions of several
 `n_ctx` and flash-attention settings. Ratios are per round against llama-bench at the same flash-attention setting,
-then the median. Target (issue 18): ≥ 0.97 at the default settings (flash attention `auto`, on for the CPU).
+then the median. Target (issue 18): ≥ 0.97 at `edgellm.load`'s defaults on the CPU — a 4096-token context with flash
+attention off (runtime_gguf.py turns llama.cpp's `auto` off there: on this CPU it decodes 40 % slower at a KV depth
+of 900). The 128-cell session is the loop in llama-bench's own context: the comparison with nothing else different.
 
     python benchmarks/decode_context.py --threads 2 --rounds 5     # writes benchmarks/out/decode_context.json
 """
@@ -21,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmeta  # noqa: E402
 from llama_bench import ensure_llama_bench, run_llama_bench  # noqa: E402
 
-VARIANTS = ((256, False), (2048, False), (2048, True), (8192, True))   # (n_ctx, flash attention)
+VARIANTS = ((128, False), (256, False), (2048, False), (4096, False), (2048, True))   # (n_ctx, flash attention)
+DEFAULT = "ctx4096-faoff"   # edgellm.load on the CPU with an f16 KV cache
 N_GEN = 128
 
 
@@ -61,13 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     med = statistics.median
     ratios = {name: round(med(a / b for a, b in zip(runs[name], runs[f"llama-bench-fa{'on' if fa else 'off'}"])), 3)
               for name, (fa, _) in sessions.items()}
-    default = "ctx2048-faon"
+    default = DEFAULT
     result = {"threads": args.threads, "n_gen": N_GEN, "rounds": args.rounds,
               "median_tps": {k: round(med(v), 1) for k, v in runs.items()},
               "vs_llama_bench_same_fa": ratios,
               "targets": {"default_decode": {
-                  "what": f"edgellm loop at {default} / llama-bench tg128 (flash attention on)",
-                  "bound": "≥ 0.97", "value": ratios[default], "pass": ratios[default] >= 0.97}},
+                  "what": f"edgellm loop at its defaults ({default}) / llama-bench tg128 (flash attention off)",
+                  "bound": "≥ 0.97", "value": ratios[default], "pass": ratios[default] >= 0.97},
+                  "same_context": {
+                      "what": "edgellm loop in llama-bench's 128-cell context / llama-bench tg128 (flash attn off)",
+                      "bound": "≥ 0.97", "value": ratios["ctx128-faoff"], "pass": ratios["ctx128-faoff"] >= 0.97}},
               "runs": runs}
     print(benchmeta.save(result, args.out, "decode_context.py", argv))
 

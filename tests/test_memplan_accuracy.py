@@ -1,8 +1,10 @@
-"""The memory planner against real processes where it matters: at 4096 and 8192 tokens of context, per part
+"""The memory planner against real processes where it matters: at 4096 tokens of context, per part
 (weights, KV cache, compute buffer, each against what llama.cpp itself reports allocating) and in total
 (against the peak RSS of a fresh process that fills the context), and on a second model shape (a random-weight
 checkpoint of another size and head layout), so the ±15 % target is not only met on the model the planner's
-constants were fitted on. benchmarks/memplan_accuracy.py does the measuring; this holds it to its targets."""
+constants were fitted on; that one at 1024 and 4096, so a term that grows wrongly with the context fails too.
+benchmarks/memplan_accuracy.py does the measuring (and the benchmark adds 8192 on the default model: filling it took
+a minute of every CI run); this holds it to its targets."""
 from __future__ import annotations
 
 import sys
@@ -28,8 +30,8 @@ def _check(result: dict) -> None:
             assert abs(ratio - 1) <= PART_TOLERANCE, (part, row)
 
 
-def test_default_model_at_4096_and_8192_in_total_and_per_part(default_model_path):
-    _check(run(default_model_path, [4096, 8192]))
+def test_default_model_at_4096_in_total_and_per_part(default_model_path):
+    _check(run(default_model_path, [4096]))
 
 
 def test_a_second_model_shape(default_model_path, tmp_path):

@@ -119,8 +119,8 @@ def test_refitted_candidate_is_a_standard_checkpoint_closer_to_the_teacher(
     from edgellm.converters.prune import kl_to
     from edgellm.converters.torch_llama import to_torch
 
-    tokens = tokenize(teacher, calibration_text())[:1024]
-    chunks = [tokens[i:i + 256] for i in range(0, 1024, 256)]
+    tokens = tokenize(teacher, calibration_text())[:512]
+    chunks = [tokens[i:i + 256] for i in range(0, 512, 256)]
     shape = Shape(28, 576, 1024, 3, 2)
     scores = layer_scores(teacher, chunks)
     plan, refitted = refit_candidate(teacher, importance, scores, shape, chunks)
@@ -131,7 +131,7 @@ def test_refitted_candidate_is_a_standard_checkpoint_closer_to_the_teacher(
         ref = to_torch(teacher)(input_ids=ids).logits
     kl_refit, _ = kl_to(ref, to_torch(refitted), ids)
     kl_plain, _ = kl_to(ref, to_torch(plain), ids)
-    assert kl_refit < 0.6 * kl_plain
+    assert kl_refit < 0.6 * kl_plain, (kl_refit, kl_plain)  # 512 calibration tokens: 1.13 vs 2.88 here
     assert plan.fits and all(f.after <= f.before + 1e-9 for f in plan.fits)
     path = tmp_path / "refit.gguf"
     write_gguf(refitted, path, "F16")
