@@ -137,6 +137,10 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=35.0,
                     help="distillation training budget (0: score the pruned student untrained)")
     ap.add_argument("--gen-tokens", type=int, default=131072)
+    ap.add_argument("--prose-repeats", type=int, default=1, help="the calibration text this many times in the data")
+    ap.add_argument("--gen-temperature", type=float, default=0.8)
+    ap.add_argument("--gen-unfiltered", action="store_true",
+                    help="sample the teacher's whole distribution (no top-k/top-p/min-p)")
     ap.add_argument("--threads", type=int, default=None, help="[default: 1 or 2, whichever is faster now]")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--work", type=Path, default=OUT / "prune")
@@ -157,6 +161,7 @@ def main() -> None:
     from edgellm.converters.distill import DistillConfig, distill_model
     from edgellm.converters.gguf_source import read_gguf
     from edgellm.converters.gguf_writer import write_gguf
+    from edgellm.converters.kd_data import TextRecipe
     from edgellm.converters.pipeline import convert
     from edgellm.converters.prune import n_params, prune_model
 
@@ -187,7 +192,9 @@ def main() -> None:
                 shown[name] = done * 10 // total
                 _log(f"{name}: {done}/{total}")
 
+        recipe = TextRecipe(args.prose_repeats, args.gen_temperature, not args.gen_unfiltered)
         student, report = distill_model(pruned.checkpoint, shipped, cfg, gen_tokens=args.gen_tokens, evaluate=False,
+                                        recipe=recipe,
                                         work_dir=work / "distill-run", progress=stage,
                                         on_step=lambda s: s["step"] % 25 == 0 and _log(
                                             f"step {s['step']} loss {s['loss']:.4f} {s['tok_s']:.0f} tok/s "
@@ -229,7 +236,9 @@ def main() -> None:
     teacher_ppl = quality["distilled_f32"]["teacher_perplexity"]
     res = {
         "settings": {"budget": args.budget, "align": args.align, "minutes": args.minutes,
-                     "gen_tokens": args.gen_tokens, "threads": threads, "loss": cfg.loss, "lr": cfg.lr,
+                     "gen_tokens": args.gen_tokens, "prose_repeats": args.prose_repeats,
+                     "gen_temperature": args.gen_temperature, "gen_filtered": not args.gen_unfiltered,
+                     "threads": threads, "loss": cfg.loss, "lr": cfg.lr,
                      "refit": not args.no_refit, "device": report["training"].get("device")},
         "plain_prune_shape": plain_shape,
         "refit_mean_error": pruned.explain(teacher.config).get("refit_mean_error"),

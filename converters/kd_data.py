@@ -30,6 +30,23 @@ Progress = Callable[[int, int], None]
 MIN_TRAIN_TOKENS = 256
 
 
+@dataclass(frozen=True)
+class TextRecipe:
+    """How the default training text is made (without a given text): the calibration text `prose_repeats`
+    times, then teacher samples at `temperature`, `filtered` as edgellm's sampler draws (top-k 40, top-p 0.95,
+    min-p 0.05) or from the teacher's whole distribution. The defaults are what the full 60-minute run in
+    docs/prune-distill.md measured; prose ×3 with unfiltered T = 1 samples trained to a lower held-out KLD there
+    (0.702 against 0.744) but took 61 minutes, so it is a choice, not the default."""
+
+    prose_repeats: int = 1
+    temperature: float = 0.8
+    filtered: bool = True
+
+    def check(self) -> None:
+        if self.prose_repeats < 1 or self.temperature <= 0:
+            raise UsageError("the text recipe needs prose_repeats ≥ 1 and a positive temperature")
+
+
 @dataclass
 class KDData:
     tokens: np.ndarray       # (n_seq, seq_len) int64 inputs
@@ -87,10 +104,15 @@ def prompts_from(text: str, n_words: int = 12) -> list[str]:
     return [" ".join(s.split()[:n_words]) for s in sentences]
 
 
-def _sample(logits, generator, *, temperature: float, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05):
-    """One token per row, filtered as edgellm's sampler does (top-k, then top-p and min-p on what is left)."""
+def _sample(logits, generator, *, temperature: float, filtered: bool = True, top_k: int = 40, top_p: float = 0.95,
+            min_p: float = 0.05):
+    """One token per row: filtered as edgellm's sampler does (top-k, then top-p and min-p on what is left), or
+    from the whole distribution."""
     import torch
 
+    if not filtered:
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
     vals, ids = (logits.float() / temperature).topk(top_k, dim=-1)         # sorted, largest first
     probs = torch.softmax(vals, dim=-1)
     keep = (probs.cumsum(-1) - probs < top_p) & (probs >= min_p * probs[:, :1])
@@ -99,7 +121,7 @@ def _sample(logits, generator, *, temperature: float, top_k: int = 40, top_p: fl
 
 
 def teacher_generations(model, session, prompts: Sequence[str], n_tokens: int, *, seed: int = 0,
-                        max_len: int = 192, temperature: float = 0.8, batch: int = 128,
+                        max_len: int = 192, temperature: float = 0.8, filtered: bool = True, batch: int = 128,
                         progress: Progress | None = None) -> list[int]:
     """About n_tokens of prompt + sampled continuation, each piece ended by the EOS token, cached on disk.
 
@@ -109,7 +131,8 @@ def teacher_generations(model, session, prompts: Sequence[str], n_tokens: int, *
     import torch
 
     be = session.backend
-    key = _hash("gen-torch", be.fingerprint, "\n".join(prompts), n_tokens, seed, max_len, temperature, batch)
+    key = _hash("gen-torch", be.fingerprint, "\n".join(prompts), n_tokens, seed, max_len, temperature, batch,
+                *(() if filtered else ("unfiltered",)))   # the filtered runs keep their cache
     path = cache_dir() / f"gen-{key}.npz"
     cached = _load_npz(path) if path.exists() else None
     if cached is not None:
@@ -133,7 +156,7 @@ def teacher_generations(model, session, prompts: Sequence[str], n_tokens: int, *
             for _ in range(max_len):
                 o = model(input_ids=cur, cache=past, use_cache=True, logits_to_keep=1)
                 past = o.cache
-                tok = _sample(o.logits[:, -1], gen, temperature=temperature).tolist()
+                tok = _sample(o.logits[:, -1], gen, temperature=temperature, filtered=filtered).tolist()
                 for r in list(open_rows):
                     if be.is_eog(tok[r]):
                         open_rows.discard(r)
@@ -184,7 +207,7 @@ def teacher_topk(model, fingerprint: str, tokens: Sequence[int], *, k: int = 32,
 
 
 def build_kd_data(teacher_gguf: Path, text: str | None, *, k: int = 32, seq_len: int = 256,
-                  gen_tokens: int = 16384, seed: int = 0, threads: int | None = None,
+                  gen_tokens: int = 16384, seed: int = 0, threads: int | None = None, recipe: TextRecipe = TextRecipe(),
                   progress: Callable[[str, int, int], None] | None = None) -> tuple[KDData, str]:
     """Training data for distillation and a description of where its text came from."""
     import torch
@@ -195,6 +218,7 @@ def build_kd_data(teacher_gguf: Path, text: str | None, *, k: int = 32, seq_len:
     from .gguf_source import read_gguf
     from .torch_llama import to_torch
 
+    recipe.check()
     stage = (lambda name: (lambda d, t: progress(name, d, t))) if progress else (lambda name: None)
     if threads:
         torch.set_num_threads(threads)
@@ -204,10 +228,13 @@ def build_kd_data(teacher_gguf: Path, text: str | None, *, k: int = 32, seq_len:
             tokens, source = session.tokenize(text, special=False), "the given text"
         else:
             calib = calibration_text()
-            tokens = session.tokenize(calib, special=False)
+            tokens = session.tokenize(calib, special=False) * recipe.prose_repeats
             if gen_tokens > 0:
                 tokens = tokens + teacher_generations(model, session, prompts_from(calib), gen_tokens, seed=seed,
+                                                      temperature=recipe.temperature, filtered=recipe.filtered,
                                                       progress=stage("generate"))
-            source = f"calibration text + {gen_tokens} tokens the teacher generated from its prompts"
+            times = f" ×{recipe.prose_repeats}" if recipe.prose_repeats > 1 else ""
+            how = f"T = {recipe.temperature:g}" + ("" if recipe.filtered else ", unfiltered")
+            source = f"calibration text{times} + {gen_tokens} tokens the teacher generated from its prompts ({how})"
         fingerprint = session.backend.fingerprint
     return teacher_topk(model, fingerprint, tokens, k=k, seq_len=seq_len, progress=stage("teacher")), source

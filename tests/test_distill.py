@@ -148,6 +148,37 @@ def test_held_back_sequences_pick_the_returned_weights(kd_setup, tmp_path):
         distill(student, data, dataclasses.replace(good, val_seqs=n), tmp_path / "all")
 
 
+def test_unfiltered_sampling_draws_from_the_whole_distribution():
+    """Filtered, a flat distribution yields only the 40 kept tokens; unfiltered, the draws spread over the
+    whole vocabulary (seeded, so this cannot flake)."""
+    from edgellm.converters.kd_data import _sample
+
+    logits = torch.zeros(400, 1000)
+    kept = set(_sample(logits, torch.Generator().manual_seed(0), temperature=1.0).tolist())
+    every = set(_sample(logits, torch.Generator().manual_seed(0), temperature=1.0, filtered=False).tolist())
+    assert len(kept) <= 40 < 200 < len(every)
+
+
+def test_recipe_repeats_the_calibration_text(default_model_path, tmp_path, monkeypatch):
+    """prose_repeats puts the calibration text that many times in the data (here a short stand-in for it,
+    no samples); a recipe without a positive repeat count or temperature is a usage error."""
+    import edgellm
+    import edgellm.texts
+    from edgellm.converters.kd_data import TextRecipe
+
+    monkeypatch.setenv("EDGELLM_HOME", str(tmp_path))
+    short = calibration_text()[:1500]
+    monkeypatch.setattr(edgellm.texts, "calibration_text", lambda: short)
+    data, source = build_kd_data(default_model_path, None, k=4, seq_len=64, gen_tokens=0,
+                                 recipe=TextRecipe(prose_repeats=2))
+    with edgellm.load(default_model_path, n_ctx=256, disk_cache=False) as s:
+        twice = s.tokenize(short, special=False) * 2
+    assert data.tokens.ravel().tolist() == twice[:len(twice) // 64 * 64] and "×2" in source
+    for bad in (TextRecipe(prose_repeats=0), TextRecipe(temperature=0.0)):
+        with pytest.raises(UsageError, match="recipe"):
+            build_kd_data(default_model_path, None, gen_tokens=0, recipe=bad)
+
+
 def test_teacher_generations_are_seeded_prompted_pieces(default_model_path, tmp_path, monkeypatch):
     """Sampled side by side, each piece is a prompt (cut to the shortest prompt's length) plus the teacher's
     continuation plus EOS; the same seed gives the same text, another seed other text."""
