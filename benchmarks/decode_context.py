@@ -64,13 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     med = statistics.median
     ratios = {name: round(med(a / b for a, b in zip(runs[name], runs[f"llama-bench-fa{'on' if fa else 'off'}"])), 3)
               for name, (fa, _) in sessions.items()}
-    default = DEFAULT
     result = {"threads": args.threads, "n_gen": N_GEN, "rounds": args.rounds,
               "median_tps": {k: round(med(v), 1) for k, v in runs.items()},
               "vs_llama_bench_same_fa": ratios,
               "targets": {"default_decode": {
-                  "what": f"edgellm loop at its defaults ({default}) / llama-bench tg128 (flash attention off)",
-                  "bound": "≥ 0.97", "value": ratios[default], "pass": ratios[default] >= 0.97},
+                  "what": f"edgellm loop at its defaults ({DEFAULT}) / llama-bench tg128 (flash attention off)",
+                  "bound": "≥ 0.97", "value": ratios[DEFAULT], "pass": ratios[DEFAULT] >= 0.97},
                   "same_context": {
                       "what": "edgellm loop in llama-bench's 128-cell context / llama-bench tg128 (flash attn off)",
                       "bound": "≥ 0.97", "value": ratios["ctx128-faoff"], "pass": ratios["ctx128-faoff"] >= 0.97}},

@@ -37,7 +37,7 @@ from edgellm.atomic import write_atomic
 from edgellm.errors import UsageError
 
 from .checkpoint import Checkpoint
-from .kd_data import KDData, TextRecipe
+from .kd_data import DEFAULT_RECIPE, KDData, TextRecipe
 
 LOSSES = ("fkl", "rkl", "skl")
 
@@ -349,7 +349,7 @@ def evaluate_student(ckpt: Checkpoint, teacher: Path, work_dir: Path, name: str,
 
 def distill_model(student: Checkpoint, teacher: str | Path, cfg: DistillConfig, *, text: str | None = None,
                   work_dir: Path | None = None, top_k: int = 32, seq_len: int = 256, gen_tokens: int = 16384,
-                  evaluate: bool = True, eval_chunks: int | None = 8, recipe: TextRecipe | None = None,
+                  evaluate: bool = True, eval_chunks: int | None = 8, recipe: TextRecipe = DEFAULT_RECIPE,
                   progress: Callable[[str, int, int], None] | None = None,
                   on_step: Callable[[dict], None] | None = None) -> tuple[Checkpoint, dict]:
     """Distill `student` from `teacher` (a model spec): data, training, and held-out figures before/after.
@@ -363,7 +363,7 @@ def distill_model(student: Checkpoint, teacher: str | Path, cfg: DistillConfig, 
     check_vocab(student, tpath)
     t0 = time.perf_counter()
     data, source = build_kd_data(tpath, text, k=top_k, seq_len=seq_len, gen_tokens=gen_tokens, seed=cfg.seed,
-                                 threads=cfg.threads, recipe=recipe or TextRecipe(), progress=progress)
+                                 threads=cfg.threads, recipe=recipe, progress=progress)
     t_data = time.perf_counter() - t0
     work = Path(work_dir) if work_dir else cache_dir() / f"run-{_fingerprint(student)}-{data.key}"
     work.mkdir(parents=True, exist_ok=True)

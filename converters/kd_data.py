@@ -47,6 +47,9 @@ class TextRecipe:
             raise UsageError("the text recipe needs prose_repeats ≥ 1 and a positive temperature")
 
 
+DEFAULT_RECIPE = TextRecipe()
+
+
 @dataclass
 class KDData:
     tokens: np.ndarray       # (n_seq, seq_len) int64 inputs
@@ -207,7 +210,8 @@ def teacher_topk(model, fingerprint: str, tokens: Sequence[int], *, k: int = 32,
 
 
 def build_kd_data(teacher_gguf: Path, text: str | None, *, k: int = 32, seq_len: int = 256,
-                  gen_tokens: int = 16384, seed: int = 0, threads: int | None = None, recipe: TextRecipe = TextRecipe(),
+                  gen_tokens: int = 16384, seed: int = 0, threads: int | None = None,
+                  recipe: TextRecipe = DEFAULT_RECIPE,
                   progress: Callable[[str, int, int], None] | None = None) -> tuple[KDData, str]:
     """Training data for distillation and a description of where its text came from."""
     import torch
