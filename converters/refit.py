@@ -85,6 +85,7 @@ def obs_select(cross: np.ndarray, gram: np.ndarray, groups: Sequence[np.ndarray]
     hinv = np.linalg.inv(np.asarray(gram, np.float64) + lam * np.eye(len(gram)))
     w0 = np.zeros_like(np.asarray(cross, np.float64)) if w0 is None else np.asarray(w0, np.float64)
     w = (np.asarray(cross, np.float64) + lam * w0) @ hinv
+    drift = None                                    # (W0 − W) H⁻¹, kept up to date for the single-column scores
     alive = set(range(len(groups)))
     while len(alive) > n_keep:
         cand = [g for g in sorted(alive) if removable is None or removable(alive, g)]
@@ -95,16 +96,24 @@ def obs_select(cross: np.ndarray, gram: np.ndarray, groups: Sequence[np.ndarray]
             idx = np.array([groups[g][0] for g in cand])
             hd = np.maximum(np.diag(hinv)[idx], 1e-300)
             wr = w[:, idx]
+            if drift is None:
+                drift = (w0 - w) @ hinv
             scores = (wr ** 2).sum(0) * (hd - lam * (hinv[idx] ** 2).sum(1)) / hd ** 2 \
-                - 2 * lam * (wr * ((w0 - w) @ hinv[:, idx])).sum(0) / hd
+                - 2 * lam * (wr * drift[:, idx]).sum(0) / hd
         else:
             scores = np.array([_removal_error(w, w0, hinv, groups[g], lam) for g in cand])
         order = np.argsort(scores, kind="stable")
         take = [cand[i] for i in order[:max(1, min(batch if single else 1, len(alive) - n_keep))]]
         r = np.concatenate([groups[g] for g in take])
         sub_inv = np.linalg.inv(hinv[np.ix_(r, r)])
-        w -= w[:, r] @ sub_inv @ hinv[r, :]
-        hinv -= hinv[:, r] @ sub_inv @ hinv[r, :]
+        u, v = w[:, r] @ sub_inv, hinv[r, :]
+        if drift is not None:
+            # A = W0 − W gains U V and H⁻¹ loses H⁻¹_·R M V, so with Q = V H⁻¹: A' H⁻¹' = A H⁻¹ + U Q
+            # − ((A H⁻¹)_·R + U Q_·R) M V — a rank-|R| update instead of the out × n × n product every step.
+            q = v @ hinv
+            drift += u @ q - (drift[:, r] + u @ q[:, r]) @ sub_inv @ v
+        w -= u @ v
+        hinv -= hinv[:, r] @ sub_inv @ v
         w[:, r] = 0.0
         hinv[r, :] = 0.0
         hinv[:, r] = 0.0

@@ -55,6 +55,35 @@ def test_ridge_equals_a_direct_solve_and_obs_picks_the_best_single_removal():
     assert tuple(obs_select(s.cross, s.gram, pairs, 2, alpha=1e-9)) == min(errs, key=errs.get)
 
 
+def test_obs_greedy_steps_equal_brute_force_refits_over_many_removals():
+    """obs_select keeps (W0 − W) H⁻¹ up to date by rank-|R| updates; every step must still pick the column whose
+    removal, with the rest refitted by the same ridge towards W0, leaves the least output error."""
+    rng = np.random.default_rng(1)
+    n = 12
+    x = rng.standard_normal((300, n)) @ rng.standard_normal((n, n)) * rng.gamma(1.0, 1.0, n)
+    y = x @ rng.standard_normal((n, 5)) + 0.3 * rng.standard_normal((300, 5))
+    w0 = rng.standard_normal((5, n))
+    s = Sums()
+    s.add(x, y)
+    alpha = 0.2
+    lam = alpha * np.trace(s.gram) / n
+
+    def refit_error(cols):
+        g, c = s.gram[np.ix_(cols, cols)], s.cross[:, cols]
+        w = np.linalg.solve(g + lam * np.eye(len(cols)), (c + lam * w0[:, cols]).T).T
+        return fit_error(s.yy, c, g, w)
+
+    alive = list(range(n))
+    while len(alive) > 3:
+        alive.remove(min(alive, key=lambda c: refit_error([a for a in alive if a != c])))
+        got = obs_select(s.cross, s.gram, [np.array([c]) for c in range(n)], len(alive), alpha=alpha, w0=w0)
+        assert got == alive
+    # removing three per step follows the same scores, so the first batch is the three cheapest single removals
+    first = sorted(range(n), key=lambda c: refit_error([a for a in range(n) if a != c]))[:3]
+    got = obs_select(s.cross, s.gram, [np.array([c]) for c in range(n)], n - 3, alpha=alpha, w0=w0, batch=3)
+    assert got == sorted(set(range(n)) - set(first))
+
+
 def _ffn_io(teacher, tokens, layer):  # noqa: F811
     """down_proj's input (the activations) of one layer of the teacher, over tokens in chunks of 128."""
     dims, get = dims_of(teacher.config), weight_getter(teacher)
