@@ -61,9 +61,20 @@ ALONE_FILES = frozenset({
 })
 
 
+# `make test` runs two pytest-xdist workers, one whole file per worker at a time (--dist loadfile): most of the suite
+# is one busy thread (a client, a server, an emulator, Python), so the second core sat idle for half the run. The
+# other worker owns the second core, so under xdist every file keeps llama.cpp and onnxruntime at one thread (see
+# above), and BLAS / OpenMP pools too: oversubscribed, their spinning threads made the refit tests 4x slower
+# (50 → 193 s). A session fixture used by several files is built once per worker that runs one of them.
+_XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if _XDIST_WORKER:
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _all_cores_when_alone(request):
-    if _THREADS_SET_BY_USER or request.path.stem not in ALONE_FILES:
+    if _THREADS_SET_BY_USER or _XDIST_WORKER or request.path.stem not in ALONE_FILES:
         yield
         return
     with pytest.MonkeyPatch.context() as mp:
