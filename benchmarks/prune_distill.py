@@ -2,8 +2,8 @@
 
 One run: prune (budget 100M, widths aligned to 256, with the closed-form refit of converters/refit.py unless
 --no-refit) → distill on the CPU (the F32 teacher's top-k logits, computed in torch; default training text =
-calibration text + 131,072 tokens the teacher samples 128 at a time; 1 in 20 sequences held back to pick the
-best state) → figures:
+calibration text ×3 + 131,072 tokens the teacher samples from its whole distribution at T = 1, 128 at a time; 1 in
+20 sequences held back to pick the best state) → figures:
 - held-out perplexity and mean KLD to the F32 teacher of the pruned-only and the distilled student (and, with
   --compare-plain, of the same budget pruned without the refit: importance cuts, sliced weights),
 - decode tok/s of student and teacher at the same quant type (Q4_K_M), interleaved in one process,
@@ -14,8 +14,8 @@ Held-out text is edgellm's heldout.txt, never trained on. Prints JSON (or --mark
     python benchmarks/prune_distill.py --minutes 35 --threads 2 --out benchmarks/out/prune_distill.json
 
 The whole of prune + data + training is meant to fit in 60 minutes on 2 cores: pruning with the refit
-takes ~10, the teacher's text and top-k logits ~8, training --minutes, and measuring the held-back
-sequences plus saving state a minute or two beside it.
+takes ~6, the teacher's text and top-k logits ~11 (cold: run with a fresh EDGELLM_HOME to time them, they are
+cached there), training --minutes, and measuring the held-back sequences plus saving state a minute or two beside it.
 """
 from __future__ import annotations
 
@@ -131,16 +131,20 @@ def remeasure(args) -> None:
 
 
 def main() -> None:
+    from edgellm.converters.kd_data import DEFAULT_RECIPE, TextRecipe
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", default="100M")
     ap.add_argument("--align", type=int, default=256)
     ap.add_argument("--minutes", type=float, default=35.0,
                     help="distillation training budget (0: score the pruned student untrained)")
     ap.add_argument("--gen-tokens", type=int, default=131072)
-    ap.add_argument("--prose-repeats", type=int, default=1, help="the calibration text this many times in the data")
-    ap.add_argument("--gen-temperature", type=float, default=0.8)
-    ap.add_argument("--gen-unfiltered", action="store_true",
-                    help="sample the teacher's whole distribution (no top-k/top-p/min-p)")
+    ap.add_argument("--prose-repeats", type=int, default=DEFAULT_RECIPE.prose_repeats,
+                    help="the calibration text this many times in the data")
+    ap.add_argument("--gen-temperature", type=float, default=DEFAULT_RECIPE.temperature)
+    ap.add_argument("--gen-filtered", action="store_true",
+                    help="sample as edgellm's sampler does (top-k 40, top-p 0.95, min-p 0.05), not the teacher's "
+                         "whole distribution")
     ap.add_argument("--threads", type=int, default=None, help="[default: 1 or 2, whichever is faster now]")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--work", type=Path, default=OUT / "prune")
@@ -161,7 +165,6 @@ def main() -> None:
     from edgellm.converters.distill import DistillConfig, distill_model
     from edgellm.converters.gguf_source import read_gguf
     from edgellm.converters.gguf_writer import write_gguf
-    from edgellm.converters.kd_data import TextRecipe
     from edgellm.converters.pipeline import convert
     from edgellm.converters.prune import n_params, prune_model
 
@@ -192,7 +195,7 @@ def main() -> None:
                 shown[name] = done * 10 // total
                 _log(f"{name}: {done}/{total}")
 
-        recipe = TextRecipe(args.prose_repeats, args.gen_temperature, not args.gen_unfiltered)
+        recipe = TextRecipe(args.prose_repeats, args.gen_temperature, args.gen_filtered)
         student, report = distill_model(pruned.checkpoint, shipped, cfg, gen_tokens=args.gen_tokens, evaluate=False,
                                         recipe=recipe,
                                         work_dir=work / "distill-run", progress=stage,
