@@ -6,6 +6,8 @@
 #   make report regenerate benchmarks/README.md from benchmarks/out/*.json
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# two pytest-xdist workers, a whole file each (tests/conftest.py)
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
 .PHONY: setup test fast demo bench report clean
 setup:
@@ -13,11 +15,11 @@ setup:
 
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PYTEST)
 
 fast: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PYTEST) -m "not slow"
 
 demo:
 	EXTRAS= bash .ci/setup.sh

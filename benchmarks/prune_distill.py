@@ -240,7 +240,7 @@ def main() -> None:
     res = {
         "settings": {"budget": args.budget, "align": args.align, "minutes": args.minutes,
                      "gen_tokens": args.gen_tokens, "prose_repeats": args.prose_repeats,
-                     "gen_temperature": args.gen_temperature, "gen_filtered": not args.gen_unfiltered,
+                     "gen_temperature": args.gen_temperature, "gen_filtered": args.gen_filtered,
                      "threads": threads, "loss": cfg.loss, "lr": cfg.lr,
                      "refit": not args.no_refit, "device": report["training"].get("device")},
         "plain_prune_shape": plain_shape,
