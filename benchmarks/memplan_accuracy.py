@@ -57,10 +57,12 @@ BUFFERS = {"weights": r"CPU_Mapped model buffer size\s*=\s*([\d.]+) MiB",
 
 
 def llama_cpp_parts(log: str) -> dict[str, float]:
-    """MiB per part as llama.cpp reported allocating it (the first report of each)."""
+    """MiB per part as llama.cpp reported allocating it: the model's, and the last context's (a CPU session's
+    KV cache starts small and is re-created larger as the prompt grows: runtimes.llamacpp.LlamaCppBackend._fit)."""
     out = {}
+    last_context = log.rfind("llama_context: constructing")
     for part, pattern in BUFFERS.items():
-        m = re.search(pattern, log)
+        m = re.search(pattern, log if part == "weights" else log[max(last_context, 0):])
         if m:
             out[part] = float(m.group(1))
     return out

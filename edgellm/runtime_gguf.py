@@ -12,8 +12,10 @@ from .session import Session, open_session
 
 def load_gguf(path: Path, *, device: str = "auto", n_ctx: int = 4096, threads: int | None = None,
               kv_type: str = "f16", flash_attn: bool | None = None, check_memory: bool = True, parallel: int = 1,
-              rpc: str | Sequence[str] | None = None, session_kw: dict | None = None) -> Session:
-    """A Session over llama.cpp for a GGUF file (see edgellm.load for the options)."""
+              rpc: str | Sequence[str] | None = None, session_kw: dict | None = None,
+              kv_grow: bool = True) -> Session:
+    """A Session over llama.cpp for a GGUF file (see edgellm.load for the options). kv_grow=False allocates
+    the whole n_ctx-cell KV cache up front on the CPU too (runtimes.llamacpp.LlamaCppBackend._fit)."""
     from .device import probe
     from .errors import InsufficientMemoryError
     from .fingerprint import gguf_fingerprint
@@ -26,7 +28,7 @@ def load_gguf(path: Path, *, device: str = "auto", n_ctx: int = 4096, threads: i
     info = validate_gguf(path)
     workers = parse_endpoints(rpc) if rpc else ()
     options = LlamaOptions(n_ctx=n_ctx, threads=1, kv_type=kv_type, flash_attn=flash_attn,  # validates options
-                           n_seq=parallel, rpc=workers)
+                           n_seq=parallel, rpc=workers, elastic=kv_grow)
     n_ctx_eff = min(n_ctx, info.hparams().get("context_length") or n_ctx)
     kv = kv_cache_bytes(info, n_ctx_eff, kv_type)
     memory_cache_mb = (session_kw or {}).get("memory_cache_mb", 512)

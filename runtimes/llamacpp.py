@@ -16,11 +16,13 @@ import numpy as np
 from edgellm.errors import BackendError, ContextOverflowError, InvalidModelError, UsageError
 
 from .base import Capabilities, SamplerConfig
+from .llama_context import KV_TYPES, create_context
 from .llama_lib import init_native_logging
 from .llama_lib import llama as _llama
 from .llama_state import for_streams, one_stream
 
-KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}
+CELL_PAD = 256  # llama.cpp rounds a sequence's context up to a multiple of this
+FIRST_CELLS = 256  # a growing context's first size (see LlamaCppBackend._fit)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class LlamaOptions:
     use_mmap: bool = True
     n_seq: int = 1  # sequences, each with its own n_ctx-cell KV stream (the server's parallel slots)
     rpc: tuple[str, ...] = ()  # llama.cpp RPC workers ("host:port") that hold the model's layers
+    elastic: bool = True  # one CPU sequence: allocate KV cells as the conversation grows (LlamaCppBackend._fit)
 
     def __post_init__(self) -> None:
         if self.kv_type not in KV_TYPES:
@@ -73,36 +76,20 @@ class LlamaCppBackend:
         if not self._model:
             raise InvalidModelError(f"{path}: llama.cpp could not load the model (run with --verbose for its log)")
         n_ctx_train = ll.llama_model_n_ctx_train(self._model)
-        cparams = ll.llama_context_default_params()
-        cparams.n_ctx = (min(options.n_ctx, n_ctx_train) if n_ctx_train > 0 else options.n_ctx) * options.n_seq
-        cparams.n_batch = min(options.n_batch, cparams.n_ctx)
-        cparams.n_ubatch = min(options.n_ubatch, cparams.n_batch)
-        cparams.n_threads = options.threads
-        cparams.n_threads_batch = options.threads_batch or options.threads
-        cparams.no_perf = True
-        cparams.n_seq_max = options.n_seq
-        # A stream per sequence rather than one shared pool: a sequence's cells then sit exactly where
-        # they would in a context of its own, so its attention sums round the same way (greedy outputs
-        # equal a single-client run); a shared pool scatters them among other sequences' cells.
-        cparams.kv_unified = False
+        n_ctx = min(options.n_ctx, n_ctx_train) if n_ctx_train > 0 else options.n_ctx
+        self._n_ctx = -(-n_ctx // CELL_PAD) * CELL_PAD  # llama.cpp pads a sequence's context to 256 cells
+        # One CPU sequence: the KV cache starts small and grows with the conversation (see _fit).
+        self._elastic = options.n_seq == 1 and not options.rpc and device == "cpu" and options.elastic
         self._n_stream = options.n_seq
-        cparams.type_k = cparams.type_v = KV_TYPES[options.kv_type]
-        fa = {None: ll.LLAMA_FLASH_ATTN_TYPE_AUTO, True: ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-              False: ll.LLAMA_FLASH_ATTN_TYPE_DISABLED}[options.flash_attn]
-        cparams.flash_attn_type = fa
-        self._ctx = ll.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
+        self._ctx = None
+        try:
+            self._new_context(min(self._n_ctx, FIRST_CELLS) if self._elastic else self._n_ctx)
+        except BackendError:
             ll.llama_model_free(self._model)
             self._model = None
-            raise BackendError(
-                f"llama.cpp could not create a context of {cparams.n_ctx} tokens "
-                f"(KV type {options.kv_type}{', flash attention' if options.flash_attn else ''}); "
-                "try a smaller --ctx or another --kv-type")
+            raise
         self._vocab = ll.llama_model_get_vocab(self._model)
-        self._mem = ll.llama_get_memory(self._ctx)
         self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
-        self._n_ctx = ll.llama_n_ctx_seq(self._ctx)  # per sequence
-        self._n_batch = cparams.n_batch
         self._n_past = 0
         self._one = (ll.llama_token * 1)()
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -112,6 +99,51 @@ class LlamaCppBackend:
         self.fingerprint = fingerprint
         self.capabilities = Capabilities(kv_state=True, logits=True, gpu=options.gpu_layers != 0,
                                          extra={"kv_type": options.kv_type})
+
+    def _new_context(self, cells: int) -> None:
+        """(Re)create the llama.cpp context with `cells` KV cells per sequence (any old one is freed)."""
+        ll, options = self._ll, self.options
+        if self._ctx:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        self._ctx, self._n_batch = create_context(ll, self._model, options, cells)
+        self._mem = ll.llama_get_memory(self._ctx)
+        self._cells = ll.llama_n_ctx_seq(self._ctx)
+
+    def _fit(self, n_tokens: int) -> None:
+        """Make room for n_tokens (≤ n_ctx) positions of sequence 0, growing the context if needed.
+
+        Why: without flash attention llama.cpp keeps V transposed, one row per channel with as many
+        cells as the context has, so each decode step reads rows `cells` apart; at 4096 cells a short
+        chat decodes ~5 % slower than in a context sized to it (benchmarks/decode_context.py), and the
+        whole cache is allocated and zeroed up front. So a CPU session starts at FIRST_CELLS and
+        doubles (a power of two ≥ the need, capped at n_ctx), carrying the sequence's cells over.
+        Powers of two ≥ 256 keep llama.cpp's attention width (n_kv: the used cells padded to 256)
+        what it is in the full context, and a batch never runs in a context smaller than itself, so
+        batches split into the same ubatches: outputs are the same as in the full-size context.
+        """
+        if n_tokens <= self._cells:
+            return
+        old, ll = self._cells, self._ll
+        state = self.seq_state(0) if ll.llama_memory_seq_pos_max(self._mem, 0) >= 0 else None
+        failure = None
+        try:
+            self._new_context(min(max(old * 2, 1 << (n_tokens - 1).bit_length()), self._n_ctx))
+        except BackendError as e:  # out of memory: keep the conversation in a context of the old size
+            self._new_context(old)
+            failure = ContextOverflowError(f"{e}: the KV cache stays at {old} cells")
+        if state is not None:
+            buf = for_streams(state, self._n_stream)
+            if ll.llama_state_seq_set_data(self._ctx, buf, len(buf), 0) == 0:
+                self._n_past = 0
+                raise BackendError("llama.cpp could not carry the KV cache into the new context")
+        if failure is not None:
+            raise failure
+
+    @property
+    def kv_cells(self) -> int:
+        """KV cells allocated now (≤ n_ctx; grows with the conversation on the CPU)."""
+        return self._cells
 
     # -- facts -------------------------------------------------------------------------------
     @property
@@ -185,6 +217,7 @@ class LlamaCppBackend:
         if self._n_past + len(tokens) > self._n_ctx:
             raise ContextOverflowError(
                 f"{self._n_past + len(tokens)} tokens do not fit the {self._n_ctx}-token context")
+        self._fit(self._n_past + len(tokens))
         for start in range(0, len(tokens), self._n_batch):
             chunk = tokens[start:start + self._n_batch]
             if len(chunk) == 1:
@@ -206,6 +239,7 @@ class LlamaCppBackend:
         if self._n_past + len(tokens) > self._n_ctx:
             raise ContextOverflowError(
                 f"{self._n_past + len(tokens)} tokens do not fit the {self._n_ctx}-token context")
+        self._fit(self._n_past + len(tokens))
         out = np.empty((len(tokens), self._n_vocab), dtype=np.float32)
         batch = ll.llama_batch_init(self._n_batch, 0, 1)
         try:
@@ -236,6 +270,7 @@ class LlamaCppBackend:
         n = len(tokens)
         if self._n_past + n > self._n_ctx:
             raise ContextOverflowError(f"{self._n_past + n} tokens do not fit the {self._n_ctx}-token context")
+        self._fit(self._n_past + n)
         if n > self._rows_cap:
             if self._rows_batch is not None:
                 ll.llama_batch_free(self._rows_batch)
@@ -343,6 +378,7 @@ class LlamaCppBackend:
                                        f"{self._n_ctx}-token context")
         ll.llama_memory_clear(self._mem, True)
         self._n_past = 0
+        self._fit(n_tokens)
         buf = for_streams(data, self._n_stream)
         if ll.llama_state_seq_set_data(self._ctx, buf, len(buf), 0) == 0:
             ll.llama_memory_clear(self._mem, True)
@@ -367,6 +403,8 @@ class LlamaCppBackend:
         """Evaluate tokens of several sequences in one llama_decode (logits kept where `outputs`)."""
         ll = self._ll
         n = len(tokens)
+        if self._elastic and n:
+            self._fit(max(positions) + 1)
         batch = ll.llama_batch_init(n, 0, 1)
         try:
             for i in range(n):
@@ -398,6 +436,7 @@ class LlamaCppBackend:
         """Replace sequence `seq` with a state from `seq_state` (of any sequence) holding n_tokens."""
         ll = self._ll
         self.seq_remove(seq)
+        self._fit(self._n_ctx if n_tokens is None else n_tokens)
         buf = for_streams(data, self._n_stream)
         if ll.llama_state_seq_set_data(self._ctx, buf, len(buf), seq) == 0:
             self.seq_remove(seq)
