@@ -5,7 +5,7 @@ Per round (interleaved, `--rounds`): llama-bench `tg` at the chat's KV depth and
 the llama.cpp that llama-cpp-python vendors, benchmarks/llama_bench.py), then every candidate timed the way optimize
 times it (a streamed chat's decode tok/s, a 256-token prefill). Ratios are per round, then the median. Targets
 (issue 18): lossless (KLD ≤ 0.005) decode ≥ 1.5x llama-bench, balanced (KLD ≤ 0.05) ≥ 2.0x, prefill ≥ 1.0x
-pp512, optimize ≤ 90 s. The bandwidth ceiling is what this machine's memory can stream over each candidate's bytes.
+pp512, optimize ≤ 90 s, and the llama.cpp path's chat decode ≥ 0.97x llama-bench tg. The bandwidth ceiling is what this machine's memory can stream over each candidate's bytes.
 Then the runtime's TTFT targets on each chosen path (edgellm.bench.measure_ttft: warm ≤ 10 %, after a restart
 ≤ 20 %, shipped system-prompt state ≤ 25 % of cold), with the GGUF on llama.cpp measured the same way beside it.
 
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
                                                   "bound": "≤ 90",
                                                   "value": decisions[quality]["seconds"],
                                                   "pass": decisions[quality]["seconds"] <= 90}
+    targets["llama.cpp_chat_decode"] = {
+        "what": "llama.cpp path: a streamed chat's decode / llama-bench tg at the chat's KV depth",
+        "bound": "≥ 0.97", "value": ratios["llama.cpp"]["decode_vs_llama_bench"],
+        "pass": ratios["llama.cpp"]["decode_vs_llama_bench"] >= 0.97}
     ttft = {}
     for name in dict.fromkeys(["llama.cpp", *(d["winner"] for d in decisions.values())]):
         _log(f"TTFT cold / warm / restart / shipped state on {name}")
