@@ -3,9 +3,11 @@ path's decode and prefill against llama.cpp's own llama-bench on the shipped GGU
 
 Per round (interleaved, `--rounds`): llama-bench `tg` at the chat's KV depth and `pp512` on the GGUF file (built from
 the llama.cpp that llama-cpp-python vendors, benchmarks/llama_bench.py), then every candidate timed the way optimize
-times it (a streamed chat's decode tok/s, a 256-token prefill). Ratios are per round, then the median. Targets
+times it (a streamed chat's decode tok/s, a 256-token prefill, greedy decode after 768 tokens — against llama-bench
+tg at that depth). Ratios are per round, then the median. Targets
 (issue 18): lossless (KLD ≤ 0.005) decode ≥ 1.5x llama-bench, balanced (KLD ≤ 0.05) ≥ 2.0x, prefill ≥ 1.0x
-pp512, optimize ≤ 90 s, and the llama.cpp path's chat decode ≥ 0.97x llama-bench tg. The bandwidth ceiling is what this machine's memory can stream over each candidate's bytes.
+pp512, optimize ≤ 90 s, and the llama.cpp path's chat decode ≥ 0.97x llama-bench tg. The bandwidth ceiling is what
+this machine's memory can stream over each candidate's bytes.
 Then the runtime's TTFT targets on each chosen path (edgellm.bench.measure_ttft: warm ≤ 10 %, after a restart
 ≤ 20 %, shipped system-prompt state ≤ 25 % of cold), with the GGUF on llama.cpp measured the same way beside it.
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     benchmeta.start()
     from edgellm import store
     from edgellm.bench import measure_bandwidth, measure_ttft
-    from edgellm.optimize import _fingerprint, _time, _work_dir, optimize
+    from edgellm.optimize import DEEP_DECODE, DEEP_TOKENS, _fingerprint, _time, _work_dir, optimize
 
     gguf = store.resolve(args.model).path
     exe = ensure_llama_bench()
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
                               "load_per_cpu": d.load,
                               "candidates": [{"name": c.name, "size_mb": round(c.size_bytes / 1e6, 1),
                                               "mean_kld": c.mean_kld, "excluded": c.excluded,
-                                              "decode_tps": c.decode_tps, "prefill_tps": c.prefill_tps}
+                                              "decode_tps": c.decode_tps, "prefill_tps": c.prefill_tps,
+                                              "deep_decode_tps": c.deep_decode_tps}
                                              for c in d.candidates]}
     paths = {c["name"]: (c, next(x for x in optimize(str(gguf), quality=q, threads=args.threads).candidates
                                  if x.name == c["name"]).path)
@@ -72,16 +75,20 @@ def main(argv: list[str] | None = None) -> None:
         _log(f"round {r + 1}/{args.rounds}: llama-bench, then each candidate")
         lb = run_llama_bench(gguf, args.threads, n_prompt=512, n_gen=96, reps=1, binary=exe, flash_attn=False,
                              depth=CHAT_DEPTH)
-        row = {"llama_bench_tg_tps": lb["tg_tps"], "llama_bench_pp512_tps": lb["pp_tps"]}
+        deep = run_llama_bench(gguf, args.threads, 0, DEEP_DECODE, 1, exe, False, depth=DEEP_TOKENS)
+        row = {"llama_bench_tg_tps": lb["tg_tps"], "llama_bench_pp512_tps": lb["pp_tps"],
+               "llama_bench_deep_tg_tps": deep["tg_tps"]}
         for name, (_, path) in paths.items():
-            dec, pre, ttft = _time(path, args.threads)
-            row[name] = {"decode_tps": dec, "prefill_tps": pre, "ttft_s": ttft}
+            dec, pre, ttft, deep_dec = _time(path, args.threads)
+            row[name] = {"decode_tps": dec, "prefill_tps": pre, "ttft_s": ttft, "deep_decode_tps": deep_dec}
         rounds.append(row)
     med = statistics.median
     ratios = {name: {"decode_vs_llama_bench": round(med(x[name]["decode_tps"] / x["llama_bench_tg_tps"]
                                                         for x in rounds), 3),
                      "prefill_vs_pp512": round(med(x[name]["prefill_tps"] / x["llama_bench_pp512_tps"]
-                                                   for x in rounds), 3)}
+                                                   for x in rounds), 3),
+                     "deep_decode_vs_llama_bench": round(med(x[name]["deep_decode_tps"]
+                                                             / x["llama_bench_deep_tg_tps"] for x in rounds), 3)}
               for name in paths}
     bw = measure_bandwidth(args.threads)["bandwidth_gbs"]
     ceiling = {name: {"ceiling_tps": round(bw * 1e9 / (c["size_mb"] * 1e6), 1),

@@ -29,6 +29,7 @@ QUALITY = {"lossless": 0.005, "balanced": 0.05}   # bound on mean KLD to the sou
 # the transcoded graph's form, part of the decision's key and of the artifact's directory: 2 = float zero
 # points (Q4_1, Q4_K) as integer blocks plus per-block offsets (converters/onnx_graph.py, offset_linear)
 TRANSCODE_FORMAT = 2
+DECISION_FORMAT = 2  # 2: decode timed shallow and deep, ranked by conversation_tps (older decisions measure again)
 DEFAULT_QUALITY = "balanced"
 Progress = Callable[[str], None]
 
@@ -40,10 +41,22 @@ class Candidate:
     path: str
     size_bytes: int = 0
     mean_kld: float | None = None
-    decode_tps: float | None = None
+    decode_tps: float | None = None       # a short chat's answer (KV depth ~30-130)
     prefill_tps: float | None = None
     ttft_s: float | None = None
     excluded: str | None = None  # why it is not eligible (over the bound, could not be built)
+    deep_decode_tps: float | None = None  # greedy decode after DEEP_TOKENS of context
+
+    @property
+    def conversation_tps(self) -> float:
+        """What the choice ranks by: tok/s over equal numbers of tokens decoded shallow and deep (the
+        harmonic mean). Why: backends' attention grows differently with depth (the transcoded ONNX graph
+        wins a short chat and loses after ~900 tokens here), and a chat spends its time at both."""
+        if not self.decode_tps:
+            return 0.0
+        if not self.deep_decode_tps:
+            return self.decode_tps
+        return 2 / (1 / self.decode_tps + 1 / self.deep_decode_tps)
 
 
 @dataclass
@@ -68,9 +81,9 @@ class Decision:
         """One line for plans and banners: what won, by how much, measured how."""
         win = self.chosen
         others = [c for c in self.candidates if c.name != win.name and c.decode_tps]
-        vs = ", ".join(f"{c.name} {c.decode_tps:.0f} tok/s" for c in others) or "no other candidate within the bound"
+        vs = ", ".join(f"{c.name} {_decode_figures(c)}" for c in others) or "no other candidate within the bound"
         busy = f", CPUs busy (load {self.load:.1f}/CPU)" if self.load > 0.5 else ""
-        return (f"measured on this device ({self.measured_at}{busy}): {win.name} decodes {win.decode_tps:.0f} tok/s "
+        return (f"measured on this device ({self.measured_at}{busy}): {win.name} decodes {_decode_figures(win)} "
                 f"(prefill {win.prefill_tps:.0f} tok/s, TTFT {1000 * win.ttft_s:.0f} ms) vs {vs}; "
                 f"quality {self.quality} (KLD to the source ≤ {self.kld_bound})")
 
@@ -78,11 +91,16 @@ class Decision:
         return {**asdict(self), "reason": self.reason()}
 
 
+def _decode_figures(c: Candidate) -> str:
+    deep = f" ({c.deep_decode_tps:.0f} after {DEEP_TOKENS} tokens)" if c.deep_decode_tps else ""
+    return f"{c.decode_tps:.0f} tok/s{deep}"
+
+
 def versions() -> dict[str, str]:
     """What changes speed or numerics: edgellm, llama-cpp-python, onnxruntime (absent: not installed)."""
     from importlib import metadata
 
-    out = {"transcode-format": str(TRANSCODE_FORMAT)}
+    out = {"transcode-format": str(TRANSCODE_FORMAT), "decision-format": str(DECISION_FORMAT)}
     for dist in ("edgellm", "llama_cpp_python", "onnxruntime"):
         try:
             out[dist] = metadata.version(dist)
@@ -175,9 +193,9 @@ def optimize(model: str | os.PathLike[str] | None = None, *, quality: str = DEFA
     for c in cands:
         if c.excluded is None:
             say(f"timing {c.name} on this device")
-            c.decode_tps, c.prefill_tps, c.ttft_s = _time(c.path, threads)
+            c.decode_tps, c.prefill_tps, c.ttft_s, c.deep_decode_tps = _time(c.path, threads)
     eligible = [c for c in cands if c.excluded is None and c.decode_tps]
-    winner = max(eligible, key=lambda c: (c.decode_tps, c.prefill_tps or 0.0))
+    winner = max(eligible, key=lambda c: (c.conversation_tps, c.prefill_tps or 0.0))
     decision = Decision(str(ref.path), fp, quality, bound, device_key(), versions(), cands, winner.name,
                         round(time.perf_counter() - t0, 1), load=_busy())
     if decision.load > 0.5:
@@ -234,17 +252,19 @@ def _kld(candidate: str, source: Path, threads: int | None) -> float:
     return round(evaluate(candidate, source, heldout_text(), ctx=512, threads=threads, max_chunks=2).mean_kld, 6)
 
 
-DECODE_TOKENS, PREFILL_TOKENS = 96, 256
+DECODE_TOKENS, PREFILL_TOKENS, DEEP_TOKENS, DEEP_DECODE = 96, 256, 768, 48
 
 
-def _time(path: str, threads: int | None) -> tuple[float, float, float]:
-    """(decode tok/s, prefill tok/s, TTFT s) of a short chat, each the best of two tries."""
+def _time(path: str, threads: int | None) -> tuple[float, float, float, float]:
+    """(decode tok/s, prefill tok/s, TTFT s) of a short chat and decode tok/s after DEEP_TOKENS of context,
+    each the best of two tries."""
     from . import GREEDY, load
     from .texts import heldout_text
 
     # speculate=False: the backends are compared on their own decode (prompt lookup applies to either)
     with load(path, n_ctx=1024, threads=threads, disk_cache=False, sampler=GREEDY, speculate=False) as s:
-        passage = s.detokenize(s.tokenize(heldout_text())[:PREFILL_TOKENS])
+        text = s.tokenize(heldout_text())
+        passage = s.detokenize(text[:PREFILL_TOKENS])
         question = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
         decode, prefill, ttft = 0.0, 0.0, float("inf")
         for _ in range(2):
@@ -257,7 +277,31 @@ def _time(path: str, threads: int | None) -> tuple[float, float, float]:
             t0 = time.perf_counter()
             s.prefill(s.tokenize(passage))
             prefill = max(prefill, len(s.tokens) / (time.perf_counter() - t0))
-    return round(decode, 1), round(prefill, 1), round(ttft, 4)
+        deep = _deep_decode(s, text[:DEEP_TOKENS])
+    return round(decode, 1), round(prefill, 1), round(ttft, 4), round(deep, 1)
+
+
+def _deep_decode(s: Any, context: list[int]) -> float:
+    """Best of two: greedy tok/s of DEEP_DECODE steps after `context` (evaluated once, then cut back)."""
+    from . import GREEDY
+
+    be = s.backend
+    s.reset()
+    s.prefill(context[:-1])
+    be.reset_sampler(GREEDY, ())
+    best = 0.0
+    for _ in range(2):
+        be.truncate(len(context) - 1)
+        be.eval(context[-1:])
+        tok = be.sample(GREEDY)
+        t0 = time.perf_counter()
+        for _ in range(DEEP_DECODE):
+            be.eval([tok])
+            tok = be.sample(GREEDY)
+        best = max(best, DEEP_DECODE / (time.perf_counter() - t0))
+    be.truncate(len(context) - 1)  # the backend holds what the session thinks it holds again
+    s.reset()
+    return best
 
 
 def load_optimized(path: Path, *, quality: str, pinned: str | None, device: str, n_ctx: int, threads: int | None,
@@ -284,7 +328,7 @@ def load_optimized(path: Path, *, quality: str, pinned: str | None, device: str,
         if not onnx:
             raise BackendError(f"no ONNX form of {path.name} is within the {quality} bound: "
                                + "; ".join(f"{c.name}: {c.excluded}" for c in decision.candidates if c.excluded))
-        chosen = max(onnx, key=lambda c: c.decode_tps or 0.0)
+        chosen = max(onnx, key=lambda c: c.conversation_tps)
     why = decision.reason() if chosen.name == decision.winner else f"pinned: {chosen.name} ({decision.reason()})"
     if chosen.backend == "onnxruntime":
         session = load_onnx(Path(chosen.path), device=device, n_ctx=n_ctx, threads=threads,

@@ -46,7 +46,11 @@ def test_decision_is_stored_and_reused_and_keyed(decision, default_model_path, m
     assert again.measured_at == decision.measured_at and again.winner == decision.winner  # not measured again
     assert opt.cached(default_model_path, "lossless").measured_at == decision.measured_at
     assert decision.winner in {c.name for c in decision.candidates if c.excluded is None}
-    assert all(c.decode_tps and c.prefill_tps and c.ttft_s for c in decision.candidates if c.excluded is None)
+    assert all(c.decode_tps and c.prefill_tps and c.ttft_s and c.deep_decode_tps
+               for c in decision.candidates if c.excluded is None)
+    eligible = [c for c in decision.candidates if c.excluded is None]
+    assert decision.winner == max(eligible, key=lambda c: c.conversation_tps).name
+    assert f"after {opt.DEEP_TOKENS} tokens" in decision.reason()
     monkeypatch.setattr(opt, "versions", lambda: {**decision.versions, "onnxruntime": "0.0.1"})
     assert opt.cached(default_model_path, "lossless") is None      # an upgrade measures again
     monkeypatch.undo()
@@ -138,3 +142,14 @@ def test_cli_optimize_prints_the_decision(decision, default_model_path):
     np.testing.assert_equal(d["kld_bound"], opt.QUALITY["lossless"])
     assert dataclasses.asdict(decision.chosen)["path"] == d["candidates"][[c["name"] for c in d["candidates"]].index(
         d["winner"])]["path"]
+
+
+def test_the_ranking_weighs_a_deep_context_as_much_as_a_short_chat():
+    """A backend that wins a short chat by 10 % but decodes at half speed after 768 tokens loses: the rank is
+    tok/s over equal numbers of tokens at both depths (harmonic mean), not the short chat alone."""
+    fast_short = opt.Candidate("a", "onnxruntime", "a", decode_tps=110.0, deep_decode_tps=50.0)
+    steady = opt.Candidate("b", "llama.cpp", "b", decode_tps=100.0, deep_decode_tps=80.0)
+    assert steady.conversation_tps == pytest.approx(2 / (1 / 100 + 1 / 80))
+    assert steady.conversation_tps > fast_short.conversation_tps
+    assert opt.Candidate("c", "llama.cpp", "c", decode_tps=90.0).conversation_tps == 90.0  # not timed deep
+    assert opt.Candidate("d", "llama.cpp", "d").conversation_tps == 0.0

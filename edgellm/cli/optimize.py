@@ -26,7 +26,7 @@ def command(model: str | None, quality: str, force: bool, threads: int | None, a
       edgellm optimize                          # the embedded model, balanced
       edgellm optimize model.gguf --quality lossless --json
     """
-    from edgellm.optimize import optimize
+    from edgellm.optimize import DEEP_TOKENS, optimize
 
     say = (lambda m: err.print(f"[dim]{m}[/dim]")) if err.is_terminal and not as_json else None
     decision = optimize(model, quality=quality, threads=threads, force=force, progress=say)
@@ -36,11 +36,13 @@ def command(model: str | None, quality: str, force: bool, threads: int | None, a
     from rich.table import Table
 
     table = Table(title=f"{decision.source} — quality {decision.quality} (KLD ≤ {decision.kld_bound})")
-    for col in ("candidate", "size", "KLD to source", "decode tok/s", "prefill tok/s", "TTFT", "status"):
+    for col in ("candidate", "size", "KLD to source", "decode tok/s", f"after {DEEP_TOKENS} tok", "prefill tok/s",
+                "TTFT", "status"):
         table.add_column(col, justify="left" if col in ("candidate", "status") else "right")
     for c in decision.candidates:
         table.add_row(c.name, f"{c.size_bytes / 1e6:.1f} MB", "—" if c.mean_kld is None else f"{c.mean_kld:.4f}",
                       "—" if c.decode_tps is None else f"{c.decode_tps:.1f}",
+                      "—" if c.deep_decode_tps is None else f"{c.deep_decode_tps:.1f}",
                       "—" if c.prefill_tps is None else f"{c.prefill_tps:.1f}",
                       "—" if c.ttft_s is None else f"{1000 * c.ttft_s:.0f} ms",
                       "[bold]chosen[/bold]" if c.name == decision.winner else (c.excluded or ""))
