@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.errors import BackendError, ContextOverflowError, InvalidModelError, UsageError
+from edgellm.errors import BackendError, ContextOverflowError, InsufficientMemoryError, InvalidModelError, UsageError
 
 from .base import Capabilities, SamplerConfig
 from .llama_context import KV_TYPES, create_context
@@ -80,10 +80,16 @@ class LlamaCppBackend:
         self._n_ctx = -(-n_ctx // CELL_PAD) * CELL_PAD  # llama.cpp pads a sequence's context to 256 cells
         # One CPU sequence: the KV cache starts small and grows with the conversation (see _fit).
         self._elastic = options.n_seq == 1 and not options.rpc and device == "cpu" and options.elastic
+        arch = self.metadata("general.architecture") or ""
+        orig = self.metadata(f"{arch}.rope.scaling.original_context_length") or ""
+        if orig.isdigit() and int(orig) < self._n_ctx:
+            # llama.cpp picks LongRoPE's long or short factors by the context size (Phi-3.5, Phi-4-mini): a
+            # context that grew past the original length would rope new keys unlike the carried ones
+            self._elastic = False
         self._n_stream = options.n_seq
-        self._ctx = None
         try:
-            self._new_context(min(self._n_ctx, FIRST_CELLS) if self._elastic else self._n_ctx)
+            self._use_context(*create_context(ll, self._model, options,
+                                              min(self._n_ctx, FIRST_CELLS) if self._elastic else self._n_ctx))
         except BackendError:
             ll.llama_model_free(self._model)
             self._model = None
@@ -100,15 +106,10 @@ class LlamaCppBackend:
         self.capabilities = Capabilities(kv_state=True, logits=True, gpu=options.gpu_layers != 0,
                                          extra={"kv_type": options.kv_type})
 
-    def _new_context(self, cells: int) -> None:
-        """(Re)create the llama.cpp context with `cells` KV cells per sequence (any old one is freed)."""
-        ll, options = self._ll, self.options
-        if self._ctx:
-            ll.llama_free(self._ctx)
-            self._ctx = None
-        self._ctx, self._n_batch = create_context(ll, self._model, options, cells)
-        self._mem = ll.llama_get_memory(self._ctx)
-        self._cells = ll.llama_n_ctx_seq(self._ctx)
+    def _use_context(self, ctx, n_batch: int) -> None:
+        self._ctx, self._n_batch = ctx, n_batch
+        self._mem = self._ll.llama_get_memory(ctx)
+        self._cells = self._ll.llama_n_ctx_seq(ctx)
 
     def _fit(self, n_tokens: int) -> None:
         """Make room for n_tokens (≤ n_ctx) positions of sequence 0, growing the context if needed.
@@ -122,23 +123,24 @@ class LlamaCppBackend:
         what it is in the full context, and a batch never runs in a context smaller than itself, so
         batches split into the same ubatches: outputs are the same as in the full-size context.
         """
-        if n_tokens <= self._cells:
+        if not self._elastic or n_tokens <= self._cells:
             return
         old, ll = self._cells, self._ll
         state = self.seq_state(0) if ll.llama_memory_seq_pos_max(self._mem, 0) >= 0 else None
-        failure = None
+        # the new context is made and filled before the old one goes: a failure keeps the conversation as it was
         try:
-            self._new_context(min(max(old * 2, 1 << (n_tokens - 1).bit_length()), self._n_ctx))
-        except BackendError as e:  # out of memory: keep the conversation in a context of the old size
-            self._new_context(old)
-            failure = ContextOverflowError(f"{e}: the KV cache stays at {old} cells")
+            ctx, n_batch = create_context(ll, self._model, self.options,
+                                          min(max(old * 2, 1 << (n_tokens - 1).bit_length()), self._n_ctx))
+        except BackendError as e:
+            raise InsufficientMemoryError(f"{e}: the KV cache stays at {old} cells") from None
         if state is not None:
             buf = for_streams(state, self._n_stream)
-            if ll.llama_state_seq_set_data(self._ctx, buf, len(buf), 0) == 0:
-                self._n_past = 0
-                raise BackendError("llama.cpp could not carry the KV cache into the new context")
-        if failure is not None:
-            raise failure
+            if ll.llama_state_seq_set_data(ctx, buf, len(buf), 0) == 0:
+                ll.llama_free(ctx)
+                raise BackendError("llama.cpp could not carry the KV cache into a larger context; it stays at "
+                                   f"{old} cells")
+        ll.llama_free(self._ctx)
+        self._use_context(ctx, n_batch)
 
     @property
     def kv_cells(self) -> int:
@@ -403,7 +405,7 @@ class LlamaCppBackend:
         """Evaluate tokens of several sequences in one llama_decode (logits kept where `outputs`)."""
         ll = self._ll
         n = len(tokens)
-        if self._elastic and n:
+        if n:
             self._fit(max(positions) + 1)
         batch = ll.llama_batch_init(n, 0, 1)
         try:
@@ -435,6 +437,9 @@ class LlamaCppBackend:
     def seq_restore(self, seq: int, data: bytes, n_tokens: int | None = None) -> None:
         """Replace sequence `seq` with a state from `seq_state` (of any sequence) holding n_tokens."""
         ll = self._ll
+        if n_tokens is not None and n_tokens > self._n_ctx:
+            raise ContextOverflowError(f"a saved state of {n_tokens} tokens does not fit the "
+                                       f"{self._n_ctx}-token context")
         self.seq_remove(seq)
         self._fit(self._n_ctx if n_tokens is None else n_tokens)
         buf = for_streams(data, self._n_stream)

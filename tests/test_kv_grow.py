@@ -84,29 +84,44 @@ def test_state_from_a_whole_context_restores_into_a_small_one(pair, default_mode
 
 
 def test_failed_growth_keeps_the_conversation(default_model_path, monkeypatch):
-    """Out of memory while growing (simulated: llama.cpp refuses the larger context) is a one-line
-    ContextOverflowError, and the tokens already in the cache are still there and usable."""
-    from edgellm.runtimes.llamacpp import LlamaCppBackend
+    """Out of memory while growing (simulated: llama.cpp refuses every new context) is a one-line
+    InsufficientMemoryError; the old context is kept until a new one holds the conversation, so the tokens
+    already in the cache are still there and usable."""
+    import edgellm.runtimes.llamacpp as llamacpp
+    from edgellm.errors import BackendError, InsufficientMemoryError
 
     with _load(default_model_path, True) as s:
         b = s.backend
         tokens = s.tokenize("A short history of sailing ships. " * 40)[:200]
         b.eval(tokens)
         before = b.logits()
-        real = LlamaCppBackend._new_context
 
-        def refuse_big(self, cells):
-            if cells > 256:
-                from edgellm.errors import BackendError
-                raise BackendError(f"llama.cpp could not create a context of {cells} tokens")
-            real(self, cells)
+        def refuse(ll, model, options, cells):
+            raise BackendError(f"llama.cpp could not create a context of {cells} tokens")
 
-        monkeypatch.setattr(LlamaCppBackend, "_new_context", refuse_big)
-        with pytest.raises(ContextOverflowError, match="stays at 256 cells") as err:
+        monkeypatch.setattr(llamacpp, "create_context", refuse)
+        with pytest.raises(InsufficientMemoryError, match="stays at 256 cells") as err:
             b.eval(s.tokenize(" and then" * 60))
         assert "\n" not in str(err.value)
-        monkeypatch.setattr(LlamaCppBackend, "_new_context", real)
         assert b.kv_cells == 256 and b.n_past == 200
         b.truncate(199)
         b.eval([tokens[-1]])
         np.testing.assert_array_equal(b.logits(), before)
+        s.reset()  # usable throughout, even while no larger context can be made
+        b.eval(tokens[:10])
+
+
+def test_several_slots_never_grow_and_an_oversized_restore_touches_no_other_slot(default_model_path):
+    """With server slots the cache is allocated whole; restoring a state larger than a slot is refused before
+    anything is removed, and the other slot keeps its tokens."""
+    with load_gguf(default_model_path, n_ctx=256, threads=2, parallel=2,
+                   session_kw=dict(disk_cache=False, sampler=edgellm.GREEDY, speculate=False)) as s:
+        b = s.backend
+        ids = s.tokenize("Ships and the sea. " * 30)
+        b.decode_batch(ids[:10], list(range(10)), [1] * 10, [False] * 9 + [True])
+        with _load(default_model_path, False) as big:
+            big.backend.eval(ids[:300])
+            state = big.backend.save_state()
+        with pytest.raises(ContextOverflowError, match="does not fit"):
+            b.seq_restore(0, state, 300)
+        assert b._ll.llama_memory_seq_pos_max(b._mem, 1) == 9 and b.kv_cells == 256
