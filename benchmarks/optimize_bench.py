@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         deep = run_llama_bench(gguf, args.threads, 0, DEEP_DECODE, 1, exe, False, depth=DEEP_TOKENS)
         row = {"llama_bench_tg_tps": lb["tg_tps"], "llama_bench_pp512_tps": lb["pp_tps"],
                "llama_bench_deep_tg_tps": deep["tg_tps"]}
-        for name, (_, path) in paths.items():
+        for name, (_, path) in list(paths.items())[::1 if r % 2 == 0 else -1]:
             dec, pre, ttft, deep_dec = _time(path, args.threads)
             row[name] = {"decode_tps": dec, "prefill_tps": pre, "ttft_s": ttft, "deep_decode_tps": deep_dec}
         rounds.append(row)
