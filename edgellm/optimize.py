@@ -7,9 +7,10 @@ without re-rounding (converters/gguf_onnx.py: 'lossless'), plus, for the 'balanc
 calibrated int4 ONNX export. Each candidate's quality is measured as mean KL divergence to the source file
 (run by llama.cpp, as the user had it) on the shipped held-out text; those within the bound are timed on
 this device — a short chat's decode, decode after 768 tokens of context, prefill and time to first token,
-twice, interleaved, one candidate loaded at a time — and the fastest decoder over both depths wins. The decision and its figures are kept in the store, keyed by the model's
-content fingerprint, the device profile and the library versions: a later `edgellm chat` pays nothing, and
-an upgrade or another device measures again.
+twice, interleaved, one candidate loaded at a time — and the fastest decoder over both depths wins. The
+decision and its figures are kept in the store, keyed by the model's content fingerprint, the device profile
+and the library versions: a later `edgellm chat` pays nothing, and an upgrade or another device measures
+again.
 """
 from __future__ import annotations
 
