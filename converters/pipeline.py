@@ -256,7 +256,7 @@ def check_disk(out: Path, n_params: int, quant: str, staged: bool) -> None:
 def calibration_tokens(gguf_path: Path, text: str | None, max_tokens: int) -> list[int]:
     """Calibration text (default: the shipped one) tokenized by llama.cpp's own tokenizer for the file."""
     from edgellm.gguf_check import validate_gguf
-    from edgellm.runtimes.llamacpp import tokenize_file
+    from edgellm.runtimes.llama_tokenize import tokenize_file
     from edgellm.texts import calibration_text
 
     text = text if text is not None else calibration_text()

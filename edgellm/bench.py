@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from .decode_timing import greedy_decode_tps
+
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what runs now)
 
 N_CTX = 4096
@@ -82,25 +84,6 @@ def random_tokens(n_vocab: int, n: int, bos: int | None, seed: int = 0) -> list[
 
 
 # ------------------------------------------------------------------ pp / tg, edgellm vs the anchor
-
-
-def greedy_decode_tps(session: Any, n: int, first: int) -> float:
-    """tok/s of n greedy steps (eval one token, sample) after one untimed step from `first`: the decode loop with
-    nothing around it, as llama-bench's tg times llama.cpp's."""
-    from . import GREEDY
-
-    be = session.backend
-    session.reset()
-    be.reset_sampler(GREEDY, ())
-    be.eval([first])
-    tok = be.sample(GREEDY)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        be.eval([tok])
-        tok = be.sample(GREEDY)
-    dt = time.perf_counter() - t0
-    be.truncate(0)
-    return n / dt
 
 
 @dataclass

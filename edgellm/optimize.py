@@ -273,6 +273,7 @@ def _time(path: str, threads: int | None) -> tuple[float, float, float, float]:
     """One try each: (decode tok/s, prefill tok/s, TTFT s) of a short chat and decode tok/s after DEEP_TOKENS
     of context."""
     from . import GREEDY, load
+    from .decode_timing import greedy_decode_tps
     from .texts import heldout_text
 
     # speculate=False: the backends are compared on their own decode (prompt lookup applies to either)
@@ -286,28 +287,8 @@ def _time(path: str, threads: int | None) -> tuple[float, float, float, float]:
         t0 = time.perf_counter()
         s.prefill(passage)
         prefill = len(s.tokens) / (time.perf_counter() - t0)
-        deep = _deep_decode(s, text[:DEEP_TOKENS])
+        deep = greedy_decode_tps(s, DEEP_DECODE, text[DEEP_TOKENS - 1], text[:DEEP_TOKENS - 1])
     return round(done.decode_tps, 1), round(prefill, 1), round(done.ttft_s, 4), round(deep, 1)
-
-
-def _deep_decode(s: Any, context: list[int]) -> float:
-    """Greedy tok/s of DEEP_DECODE steps after `context`."""
-    from . import GREEDY
-
-    be = s.backend
-    s.reset()
-    s.prefill(context[:-1])
-    be.reset_sampler(GREEDY, ())
-    be.eval(context[-1:])
-    tok = be.sample(GREEDY)
-    t0 = time.perf_counter()
-    for _ in range(DEEP_DECODE):
-        be.eval([tok])
-        tok = be.sample(GREEDY)
-    tps = DEEP_DECODE / (time.perf_counter() - t0)
-    be.truncate(len(context) - 1)  # the backend holds what the session thinks it holds again
-    s.reset()
-    return tps
 
 
 def load_optimized(path: Path, *, quality: str, pinned: str | None, device: str, n_ctx: int, threads: int | None,

@@ -20,6 +20,7 @@ from .llama_context import KV_TYPES, create_context
 from .llama_lib import init_native_logging
 from .llama_lib import llama as _llama
 from .llama_state import for_streams, one_stream
+from .llama_tokenize import tokenize_vocab
 
 CELL_PAD = 256  # llama.cpp rounds a sequence's context up to a multiple of this
 FIRST_CELLS = 256  # a growing context's first size (see LlamaCppBackend._fit)
@@ -181,7 +182,7 @@ class LlamaCppBackend:
 
     # -- tokens ------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
-        return _tokenize(self._ll, self._vocab, text, add_special, parse_special)
+        return tokenize_vocab(self._ll, self._vocab, text, add_special, parse_special)
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         """The bytes a token stands for; control tokens render empty unless `special`."""
@@ -468,38 +469,3 @@ class LlamaCppBackend:
             self.close()
         except Exception:
             pass
-
-
-def _tokenize(ll, vocab, text: str, add_special: bool, parse_special: bool) -> list[int]:
-    data = text.encode("utf-8")
-    cap = len(data) + 8
-    buf = (ll.llama_token * cap)()
-    n = ll.llama_tokenize(vocab, data, len(data), buf, cap, add_special, parse_special)
-    if n < 0:
-        cap = -n
-        buf = (ll.llama_token * cap)()
-        n = ll.llama_tokenize(vocab, data, len(data), buf, cap, add_special, parse_special)
-    if n < 0:
-        raise BackendError("llama.cpp failed to tokenize the text")
-    return list(buf[:n])
-
-
-def tokenize_file(path: str | Path, text: str, *, parse_special: bool = True) -> list[int]:
-    """`text` tokenized by llama.cpp with only the GGUF's vocabulary loaded (BOS added if the model wants it).
-
-    A full load would map every weight (a 4 GB F32 staging file becomes 4 GB of resident pages);
-    converters only need the tokenizer.
-    """
-    import llama_cpp as ll
-
-    init_native_logging()
-    params = ll.llama_model_default_params()
-    params.vocab_only = True
-    model = ll.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise BackendError(f"llama.cpp could not read the vocabulary of {path}")
-    try:
-        vocab = ll.llama_model_get_vocab(model)
-        return _tokenize(ll, vocab, text, bool(ll.llama_vocab_get_add_bos(vocab)), parse_special)
-    finally:
-        ll.llama_model_free(model)
