@@ -28,7 +28,7 @@ def load_gguf(path: Path, *, device: str = "auto", n_ctx: int = 4096, threads: i
     info = validate_gguf(path)
     workers = parse_endpoints(rpc) if rpc else ()
     options = LlamaOptions(n_ctx=n_ctx, threads=1, kv_type=kv_type, flash_attn=flash_attn,  # validates options
-                           n_seq=parallel, rpc=workers, elastic=kv_grow)
+                           n_seq=parallel, rpc=workers, kv_grow=kv_grow)
     n_ctx_eff = min(n_ctx, info.hparams().get("context_length") or n_ctx)
     kv = kv_cache_bytes(info, n_ctx_eff, kv_type)
     memory_cache_mb = (session_kw or {}).get("memory_cache_mb", 512)

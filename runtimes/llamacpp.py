@@ -39,7 +39,7 @@ class LlamaOptions:
     use_mmap: bool = True
     n_seq: int = 1  # sequences, each with its own n_ctx-cell KV stream (the server's parallel slots)
     rpc: tuple[str, ...] = ()  # llama.cpp RPC workers ("host:port") that hold the model's layers
-    elastic: bool = True  # one CPU sequence: allocate KV cells as the conversation grows (LlamaCppBackend._fit)
+    kv_grow: bool = True  # one CPU sequence: allocate KV cells as the conversation grows (LlamaCppBackend._fit)
 
     def __post_init__(self) -> None:
         if self.kv_type not in KV_TYPES:
@@ -80,17 +80,17 @@ class LlamaCppBackend:
         n_ctx = min(options.n_ctx, n_ctx_train) if n_ctx_train > 0 else options.n_ctx
         self._n_ctx = -(-n_ctx // CELL_PAD) * CELL_PAD  # llama.cpp pads a sequence's context to 256 cells
         # One CPU sequence: the KV cache starts small and grows with the conversation (see _fit).
-        self._elastic = options.n_seq == 1 and not options.rpc and device == "cpu" and options.elastic
+        self._kv_grow = options.n_seq == 1 and not options.rpc and device == "cpu" and options.kv_grow
         arch = self.metadata("general.architecture") or ""
         orig = self.metadata(f"{arch}.rope.scaling.original_context_length") or ""
         if orig.isdigit() and int(orig) < self._n_ctx:
             # llama.cpp picks LongRoPE's long or short factors by the context size (Phi-3.5, Phi-4-mini): a
             # context that grew past the original length would rope new keys unlike the carried ones
-            self._elastic = False
+            self._kv_grow = False
         self._n_stream = options.n_seq
         try:
             self._use_context(*create_context(ll, self._model, options,
-                                              min(self._n_ctx, FIRST_CELLS) if self._elastic else self._n_ctx))
+                                              min(self._n_ctx, FIRST_CELLS) if self._kv_grow else self._n_ctx))
         except BackendError:
             ll.llama_model_free(self._model)
             self._model = None
@@ -124,7 +124,7 @@ class LlamaCppBackend:
         what it is in the full context, and a batch never runs in a context smaller than itself, so
         batches split into the same ubatches: outputs are the same as in the full-size context.
         """
-        if not self._elastic or n_tokens <= self._cells:
+        if not self._kv_grow or n_tokens <= self._cells:
             return
         old, ll = self._cells, self._ll
         state = self.seq_state(0) if ll.llama_memory_seq_pos_max(self._mem, 0) >= 0 else None
@@ -142,6 +142,12 @@ class LlamaCppBackend:
                                    f"{old} cells")
         ll.llama_free(self._ctx)
         self._use_context(ctx, n_batch)
+
+    def _make_room(self, n_new: int) -> None:
+        """Refuse n_new more tokens past n_ctx (ContextOverflowError), else make the cells for them."""
+        if self._n_past + n_new > self._n_ctx:
+            raise ContextOverflowError(f"{self._n_past + n_new} tokens do not fit the {self._n_ctx}-token context")
+        self._fit(self._n_past + n_new)
 
     @property
     def kv_cells(self) -> int:
@@ -217,10 +223,7 @@ class LlamaCppBackend:
     # -- evaluation --------------------------------------------------------------------------
     def eval(self, tokens: Sequence[int]) -> None:
         ll = self._ll
-        if self._n_past + len(tokens) > self._n_ctx:
-            raise ContextOverflowError(
-                f"{self._n_past + len(tokens)} tokens do not fit the {self._n_ctx}-token context")
-        self._fit(self._n_past + len(tokens))
+        self._make_room(len(tokens))
         for start in range(0, len(tokens), self._n_batch):
             chunk = tokens[start:start + self._n_batch]
             if len(chunk) == 1:
@@ -239,10 +242,7 @@ class LlamaCppBackend:
     def eval_all_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Append tokens and return the logits of every one of them (n, n_vocab), for evaluation."""
         ll = self._ll
-        if self._n_past + len(tokens) > self._n_ctx:
-            raise ContextOverflowError(
-                f"{self._n_past + len(tokens)} tokens do not fit the {self._n_ctx}-token context")
-        self._fit(self._n_past + len(tokens))
+        self._make_room(len(tokens))
         out = np.empty((len(tokens), self._n_vocab), dtype=np.float32)
         batch = ll.llama_batch_init(self._n_batch, 0, 1)
         try:
@@ -271,9 +271,7 @@ class LlamaCppBackend:
         view of llama.cpp's logits buffer, valid until the next evaluation (speculative verification)."""
         ll = self._ll
         n = len(tokens)
-        if self._n_past + n > self._n_ctx:
-            raise ContextOverflowError(f"{self._n_past + n} tokens do not fit the {self._n_ctx}-token context")
-        self._fit(self._n_past + n)
+        self._make_room(n)
         if n > self._rows_cap:
             if self._rows_batch is not None:
                 ll.llama_batch_free(self._rows_batch)
