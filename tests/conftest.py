@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,17 @@ def default_model_path() -> Path:
     from edgellm import store
 
     return store.pull(store.DEFAULT_ALIAS, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory) -> Path:
+    """A directory for one test file's shared artifacts (exports, apps, tiny checkpoints), removed when the file is
+    done. Why: kept to the end of the run, every file's artifacts added up to ~12 GB of /tmp at the suite's peak,
+    and a CI run on a smaller disk failed its last test (the emulated Pi's install) with ENOSPC. Per-test
+    directories go as soon as a test passes (tmp_path_retention_policy = "failed" in pyproject.toml)."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

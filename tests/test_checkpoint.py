@@ -178,8 +178,8 @@ def _edit_json(file: Path, **changes) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny") / "hf"
+def tiny_hf(module_tmp) -> Path:
+    root = module_tmp / "hf"
     make_hf(root, "llama", bpe_tokenizer("smollm"))
     return root
 

@@ -39,15 +39,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # -- fixtures ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def cm_pkgs(default_model_path, coreml_int4, f32_gguf, tmp_path_factory):
+@pytest.fixture(scope="module")
+def cm_pkgs(default_model_path, coreml_int4, f32_gguf, module_tmp):
     """f16 via `edgellm convert --format coreml` (CLI), int4 via the API (shared with the iOS packaging tests),
     an F32 GGUF of the same weights."""
     from click.testing import CliRunner
 
     from edgellm.cli import cli
 
-    root = tmp_path_factory.mktemp("coreml")
+    root = module_tmp
     res = CliRunner().invoke(cli, ["convert", str(default_model_path), "--format", "coreml", "--quant", "f16",
                                    "--ctx", str(CTX), "-o", str(root / "f16" / "model.mlpackage"), "--json"])
     assert res.exit_code == 0, res.output
@@ -55,7 +55,7 @@ def cm_pkgs(default_model_path, coreml_int4, f32_gguf, tmp_path_factory):
             "int4_res": coreml_int4, "int4": Path(coreml_int4.output), "gguf": f32_gguf}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def f16_session(cm_pkgs):
     from edgellm.runtime_coreml import load_coreml
 
@@ -242,10 +242,10 @@ def test_edgellm_eval_scores_a_coreml_package(cm_pkgs):
 
 # -- random-weight checkpoints of the other architectures (fast) ----------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
+def tiny_models(module_tmp):
     from test_checkpoint import bpe_tokenizer, make_hf
 
-    root = tmp_path_factory.mktemp("tiny-coreml")
+    root = module_tmp / "tiny"
     out = {}
     for case, arch, pre, kw in (("llama-tied", "llama", "smollm", {"tie_word_embeddings": True}),
                                 ("qwen2-bias", "qwen2", "qwen2", {"tie_word_embeddings": False})):

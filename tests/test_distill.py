@@ -35,11 +35,11 @@ def _kl(ckpt, data, idx):
                              torch.from_numpy(data.lse[idx])))
 
 
-@pytest.fixture(scope="session")
-def short_run(kd_setup, tmp_path_factory):
+@pytest.fixture(scope="module")
+def short_run(kd_setup, module_tmp):
     """Four steps, then the same run extended to eight: the second must resume at step 4."""
     student, data = kd_setup
-    work = tmp_path_factory.mktemp("kd")
+    work = module_tmp / "kd"
     cfg = DistillConfig(tokens=4 * STEP_TOKENS, batch=2, lr=1e-3, warmup=0.0)
     _, first = distill(student, data, cfg, work)
     trained, second = distill(student, data, dataclasses.replace(cfg, tokens=8 * STEP_TOKENS), work)

@@ -18,10 +18,10 @@ PAIRED_MARGIN = 0.9   # GPTQ's KLD ≤ 0.9 × rounding alone's
 
 
 @pytest.fixture(scope="module")
-def setup(shipped_ckpt, f32_gguf, tmp_path_factory):
+def setup(shipped_ckpt, f32_gguf, module_tmp):
     from edgellm.converters.onnx_export import calibrate_units
 
-    tmp = tmp_path_factory.mktemp("gptq-guard")
+    tmp = module_tmp
     ckpt, weights = shipped_ckpt
     calib = calibrate_units(ckpt, None, CALIB_TOKENS, fisher=False, gram=True)
     assert calib.n_tokens == CALIB_TOKENS and calib.gram, "the calibration pass collected no Gram matrices"

@@ -28,8 +28,8 @@ TEXT = ("Small models run on boards like the Raspberry Pi. " * 40
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny") / "hf"
+def tiny_hf(module_tmp) -> Path:
+    root = module_tmp / "hf"
     make_hf(root, "llama", bpe_tokenizer("smollm"), **SMALL)
     return root
 

@@ -29,15 +29,15 @@ def onnx_ckpt(shipped_ckpt):
     return shipped_ckpt
 
 
-@pytest.fixture(scope="session")
-def onnx_dirs(fused_f32_onnx, f32_gguf, onnx_int4, tmp_path_factory):
+@pytest.fixture(scope="module")
+def onnx_dirs(fused_f32_onnx, f32_gguf, onnx_int4, module_tmp):
     """fused f32, portable f32 (via the CLI) and fused int4 exports, plus an F32 GGUF of the same weights (all but
     the portable export are tests/model_fixtures.py's, shared with other files)."""
     from click.testing import CliRunner
 
     from edgellm.cli import cli
 
-    root = tmp_path_factory.mktemp("onnx")
+    root = module_tmp
     res = CliRunner().invoke(cli, ["convert", str(f32_gguf), "--format", "onnx", "--flavour", "portable",
                                    "--quant", "f32", "-o", str(root / "portable-f32"), "--json"])
     assert res.exit_code == 0, res.output
@@ -53,7 +53,7 @@ def _cos(a, b):
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def llama_f32(onnx_dirs):
     s = _load(onnx_dirs["gguf"])
     yield s

@@ -19,10 +19,10 @@ EXPORTS = {("portable", "f16"): (0.9999, 1e-4, 32), ("portable", "int8"): (0.995
 
 
 @pytest.fixture(scope="module")
-def exported(shipped_ckpt, f32_gguf, tmp_path_factory):
+def exported(shipped_ckpt, f32_gguf, module_tmp):
     from edgellm.converters.onnx_export import export_onnx
 
-    root = tmp_path_factory.mktemp("onnx-exports")
+    root = module_tmp
     ckpt, weights = shipped_ckpt
     dirs = {key: export_onnx(ckpt, root / f"{key[0]}-{key[1]}", flavour=key[0], quant=key[1], weights=weights)
             for key in EXPORTS}

@@ -49,18 +49,18 @@ needs_tools = pytest.mark.skipif(any(shutil.which(t) is None for t in ANDROID_TO
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tmp_path_factory) -> Path:
+def onnx_dir(module_tmp) -> Path:
     """The default model as edgellm's int4 ONNX export (what the APK ships). Not the shorter-calibrated int4 of
     tests/model_fixtures.py: the engine's multi-turn test compares greedy texts, and on that export a near tie
     between batch and single-step rounding flips the second turn's first token."""
     from edgellm.converters.onnx_export import convert_to_onnx
 
-    return Path(convert_to_onnx("smollm2-135m", tmp_path_factory.mktemp("onnx") / "smol-int4").output)
+    return Path(convert_to_onnx("smollm2-135m", module_tmp / "smol-int4").output)
 
 
 @pytest.fixture(scope="module")
-def onnx_app(onnx_dir, tmp_path_factory):
-    return package_android(onnx_dir, tmp_path_factory.mktemp("apps") / "onnx-app", apk=True, system=SYSTEM)
+def onnx_app(onnx_dir, module_tmp):
+    return package_android(onnx_dir, module_tmp / "onnx-app", apk=True, system=SYSTEM)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,8 @@ def apk(onnx_app) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llama_app(tmp_path_factory):
-    return package_android("smollm2-135m", tmp_path_factory.mktemp("apps") / "llama-app", system=SYSTEM)
+def llama_app(module_tmp):
+    return package_android("smollm2-135m", module_tmp / "llama-app", system=SYSTEM)
 
 
 def _apk_member(apk: Path, name: str, dest: Path) -> Path:

@@ -31,8 +31,8 @@ needs_llvm = pytest.mark.skipif(any(shutil.which(t) is None for t in ("clang-14"
 
 
 @pytest.fixture(scope="module")
-def ios_app(tmp_path_factory):
-    return package_ios("smollm2-135m", tmp_path_factory.mktemp("ios") / "app", system=SYSTEM)
+def ios_app(module_tmp):
+    return package_ios("smollm2-135m", module_tmp / "app", system=SYSTEM)
 
 
 def _swift_parser():
@@ -218,9 +218,9 @@ def test_refuses_a_model_too_large_for_the_phone_class(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def coreml_app(coreml_int4, tmp_path_factory):
+def coreml_app(coreml_int4, module_tmp):
     """The iOS app around the int4 package `edgellm convert --format coreml` makes (shared with test_coreml)."""
-    return package_ios(Path(coreml_int4.output), tmp_path_factory.mktemp("ios") / "coreml-app")
+    return package_ios(Path(coreml_int4.output), module_tmp / "coreml-app")
 
 
 @pytest.mark.slow

@@ -14,9 +14,9 @@ KEYS = {"variant", "quant", "bytes", "bpw", "ppl", "mean_kld", "p99_kld", "top1"
 
 
 @pytest.fixture(scope="module")
-def swept(shipped_ckpt, f32_gguf, tmp_path_factory):
+def swept(shipped_ckpt, f32_gguf, module_tmp):
     """Q4_0 and Q8_0, both variants, on one short chunk against the F32 reference of the shipped model."""
-    work = tmp_path_factory.mktemp("sweep")
+    work = module_tmp
     rows = sweep(f32_gguf, ["Q4_0", "q8_0"], ckpt=shipped_ckpt[0], calib_tokens=256, ctx=256, max_chunks=1,
                  workdir=work / "q")
     return rows, work, f32_gguf

@@ -36,10 +36,10 @@ SMOLLM_HASH = "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"
 
 
 @pytest.fixture(scope="module")
-def exported(default_model_path, tmp_path_factory):
+def exported(default_model_path, module_tmp):
     """tokenizer.json + tokenizer_config.json built from the GGUF's metadata alone."""
     ckpt = read_gguf(default_model_path)
-    out = tmp_path_factory.mktemp("tok")
+    out = module_tmp
     (out / "tokenizer.json").write_text(build_tokenizer_json(ckpt.tokenizer), encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(ckpt.tokenizer, 8192)), encoding="utf-8")
     return out
