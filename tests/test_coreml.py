@@ -276,10 +276,10 @@ def test_interpreter_matches_transformers_on_random_checkpoints(tiny_models, tmp
 
 
 # -- plans --------------------------------------------------------------------------------------------------
-def test_plan_per_device_fixture(tmp_path, monkeypatch):
+def test_plan_per_device_fixture(tiny_pkg, tmp_path, monkeypatch):
     from edgellm.runtime_coreml import CHECK_HINT, compute_device, plan_coreml
 
-    pkg = _tiny_package(tmp_path)
+    pkg = _tiny_package(tiny_pkg, tmp_path)
     m2 = load_fixture("mac-m2")
     plan, _ = plan_coreml(pkg, profile=m2)
     assert plan.backend == "coreml" and plan.device == "ane" and compute_device(plan, "auto") == "ane"
@@ -297,32 +297,31 @@ def test_plan_per_device_fixture(tmp_path, monkeypatch):
 
 
 # -- bad input ----------------------------------------------------------------------------------------------
-_TINY_PKG: dict[str, Path] = {}
+@pytest.fixture(scope="module")
+def tiny_pkg(module_tmp) -> Path:
+    """A small real edgellm package (random 2-layer Llama, its HF checkpoint beside it), made once per file."""
+    from test_checkpoint import bpe_tokenizer, make_hf
 
-
-def _tiny_package(tmp_path: Path) -> Path:
-    """A small real edgellm package (random 2-layer Llama), made once per test session and copied."""
     from edgellm.converters.coreml_export import export_coreml
     from edgellm.converters.hf_source import read_hf
 
-    if "pkg" not in _TINY_PKG:
-        import tempfile
+    root = module_tmp / "tiny-pkg"
+    make_hf(root / "hf", "llama", bpe_tokenizer("smollm"), tie_word_embeddings=True)
+    export_coreml(read_hf(root / "hf"), root / "out" / "tiny.mlpackage", quant="f16", ctx=32)
+    return root / "out" / "tiny.mlpackage"
 
-        from test_checkpoint import bpe_tokenizer, make_hf
 
-        root = Path(tempfile.mkdtemp(prefix="edgellm-tiny-coreml-"))
-        make_hf(root / "hf", "llama", bpe_tokenizer("smollm"), tie_word_embeddings=True)
-        export_coreml(read_hf(root / "hf"), root / "out" / "tiny.mlpackage", quant="f16", ctx=32)
-        _TINY_PKG["pkg"] = root / "out" / "tiny.mlpackage"
+def _tiny_package(tiny_pkg: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny package that a test may break."""
     dest = tmp_path / "copy"
-    shutil.copytree(_TINY_PKG["pkg"].parent, dest)
+    shutil.copytree(tiny_pkg.parent, dest)
     return dest / "tiny.mlpackage"
 
 
-def test_off_macos_load_refuses_and_says_how_to_check(tmp_path):
+def test_off_macos_load_refuses_and_says_how_to_check(tiny_pkg, tmp_path):
     from edgellm.runtime_coreml import load_coreml
 
-    pkg = _tiny_package(tmp_path)
+    pkg = _tiny_package(tiny_pkg, tmp_path)
     if ON_MAC:
         pytest.skip("on macOS Core ML runs the package")
     with pytest.raises(BackendError) as e:
@@ -346,10 +345,10 @@ def test_off_macos_load_refuses_and_says_how_to_check(tmp_path):
     ("garbage spec", InvalidModelError, ["model.mlmodel"]),
     ("foreign", UnsupportedModelError, ["not written by edgellm", "edgellm convert --format coreml"]),
 ])
-def test_bad_packages_fail_with_one_line_errors(tmp_path, how, error, words):
+def test_bad_packages_fail_with_one_line_errors(tiny_pkg, tmp_path, how, error, words):
     from edgellm.runtime_coreml import load_coreml
 
-    pkg = _tiny_package(tmp_path)
+    pkg = _tiny_package(tiny_pkg, tmp_path)
     data = pkg / "Data" / "com.apple.CoreML"
     if how == "truncated weights":
         blob = data / "weights" / "weight.bin"
@@ -389,20 +388,19 @@ def _strip_manifest(pkg: Path) -> None:
     other.rename(pkg)
 
 
-def test_bad_conversion_options(tmp_path, monkeypatch):
+def test_bad_conversion_options(tiny_pkg, tmp_path, monkeypatch):
     from dataclasses import replace
 
     from edgellm.converters.coreml_export import check_options, export_coreml
     from edgellm.converters.hf_source import read_hf
     from edgellm.runtimes import coreml_package
 
-    _tiny_package(tmp_path)
     with pytest.raises(UsageError, match="int4, int8, f16, palette4"):
         check_options(8192, "q4_k_m", None)
     with pytest.raises(UsageError, match="longer than the model's 8192"):
         check_options(8192, "int4", 16384)
     assert check_options(256, "auto", None) == ("int4", 256)
-    src = _TINY_PKG["pkg"].parent.parent / "hf"
+    src = tiny_pkg.parent.parent / "hf"
     ckpt = read_hf(src)
     with pytest.raises(UsageError, match=r"\*\.mlpackage"):
         export_coreml(ckpt, tmp_path / "x.mlmodel")
@@ -468,10 +466,10 @@ def test_errors_are_edgellm_errors():
 # -- macOS only (run by .github/workflows/apple.yml) -------------------------------------------------------
 @pytest.mark.apple
 @MAC_ONLY
-def test_coreml_predictions_equal_the_interpreter(tmp_path):
+def test_coreml_predictions_equal_the_interpreter(tiny_pkg, tmp_path):
     from edgellm.runtime_coreml import load_coreml
 
-    pkg = _tiny_package(tmp_path)
+    pkg = _tiny_package(tiny_pkg, tmp_path)
     ids = list(range(3, 30))
     with load_coreml(pkg, session_kw={"disk_cache": False}) as s, \
             load_coreml(pkg, device="interpreter", session_kw={"disk_cache": False}) as ref:
