@@ -112,11 +112,12 @@ def _service_command(root: Path, unit_path: str) -> tuple[list[str], dict[str, s
 
 
 @pytest.fixture(scope="module")
-def board(pi_bundle, tmp_path_factory):
+def board(pi_bundle, module_tmp):
     """A fresh copy of the cached arm64 root with the bundle's .tar.gz unpacked in /home/pi."""
     missing = eb.missing_tools()
     assert not missing, f"apt-get install {' '.join(missing)} (.ci/setup.sh does)"
-    root = tmp_path_factory.mktemp("board") / "root"
+    root = module_tmp / "board" / "root"
+    root.parent.mkdir()
     subprocess.run(["cp", "-a", str(eb.arm64_root()), str(root)], check=True)
     eb.prepare_board(root)
     assert not list(root.glob("usr/lib/aarch64-linux-gnu/libgomp*")), "the board must not have libgomp"
