@@ -344,6 +344,18 @@ def render_concurrency(d: dict) -> str:
     return table(["case", "threads", "requests", "one at a time (s)", "8 at once (s)", "speed-up"], rows, "lrrrrr")
 
 
+def render_speculative(d: dict) -> str:
+    """Plain vs prompt lookup per backend and task, with each task's target (speed-up ≥) and greedy identity."""
+    rows = [[backend, task, num(t.get("off_tps"), ".1f"), num(t.get("on_tps"), ".1f"), num(t.get("speedup"), ".3f"),
+             f"≥ {num(t.get('target'))}", verdict(t.get("met")), "yes" if t.get("greedy_identical") else "**no**",
+             num(t.get("accepted_per_drafted"), ".2f")]
+            for backend, b in d.get("backends", {}).items() for task, t in b.get("tasks", {}).items()]
+    head = (f"{d.get('max_tokens')} tokens per answer, {d.get('rounds')} rounds, {d.get('threads')} threads; "
+            "prompt lookup forced on (by default it is on only where batch rows equal single steps: docs/runtime.md).")
+    return "\n".join([head, "", table(["backend", "task", "plain tok/s", "lookup tok/s", "speed-up", "target", "",
+                                       "greedy identical", "accepted / drafted"], rows, "llrrrrlll")])
+
+
 def render_generic(d: dict) -> str:
     """Top-level scalar figures (and one level down) of a JSON no renderer knows yet."""
     rows = []
@@ -416,7 +428,7 @@ SECTIONS = (
             "python benchmarks/coreml_bench.py", "coremltools' own int4 recipe on the same program",
             render_coreml, "docs/coreml.md"),
     Section("speculative_bench", "Speculative decoding", "python benchmarks/speculative_bench.py",
-            "plain decoding of the same model, same prompts and threads", render_generic, "docs/runtime.md"),
+            "plain decoding of the same model, same prompts and threads", render_speculative, "docs/runtime.md"),
     Section("optimize_bench", "edgellm optimize: the measured fastest path",
             "python benchmarks/optimize_bench.py", "the candidates it chooses between, measured on this device",
             render_generic, "docs/runtime.md"),
