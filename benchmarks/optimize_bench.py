@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         _log(f"round {r + 1}/{args.rounds}: llama-bench, then each candidate")
         lb = run_llama_bench(gguf, args.threads, n_prompt=512, n_gen=96, reps=1, binary=exe, flash_attn=False,
                              depth=CHAT_DEPTH)
-        deep = run_llama_bench(gguf, args.threads, 0, DEEP_DECODE, 1, exe, False, depth=DEEP_TOKENS)
+        deep = run_llama_bench(gguf, args.threads, n_prompt=0, n_gen=DEEP_DECODE, reps=1, binary=exe,
+                               flash_attn=False, depth=DEEP_TOKENS)
         row = {"llama_bench_tg_tps": lb["tg_tps"], "llama_bench_pp512_tps": lb["pp_tps"],
                "llama_bench_deep_tg_tps": deep["tg_tps"]}
         for name, (_, path) in list(paths.items())[::1 if r % 2 == 0 else -1]:

@@ -251,8 +251,6 @@ def _kld(candidate: str, source: Path, threads: int | None) -> float:
 
 
 DECODE_TOKENS, PREFILL_TOKENS, DEEP_TOKENS, DEEP_DECODE = 96, 256, 768, 48
-
-
 TIMING_ROUNDS = 2
 
 
