@@ -8,9 +8,11 @@ tokens of context. Logits never accumulate: each chunk is reduced to per-token f
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,34 +75,58 @@ def evaluate(model: str | os.PathLike[str], reference: str | os.PathLike[str], t
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Score `model` against `reference` (GGUF files, ONNX directories or Core ML packages) on `text` (held out
     from calibration)."""
-    from edgellm.gguf_check import validate_gguf
+    return evaluate_many([model], reference, text, ctx=ctx, threads=threads, max_chunks=max_chunks,
+                         progress=progress)[0]
 
+
+def evaluate_many(models: Sequence[str | os.PathLike[str]], reference: str | os.PathLike[str], text: str, *,
+                  ctx: int = 512, threads: int | None = None, max_chunks: int | None = None,
+                  progress: Callable[[int, int], None] | None = None,
+                  load_options: Sequence[dict[str, Any]] | None = None) -> list[EvalResult]:
+    """evaluate() for several models against one reference, all open at once: the reference runs once per chunk
+    for all of them (edgellm optimize scores its candidates so — each one more would cost another reference
+    pass). load_options: per model, extra edgellm.load() options (e.g. flash_attn for a GGUF on llama.cpp), so
+    a file can be scored against itself run another way."""
     if ctx < 16:
         raise UsageError("--ctx must be at least 16 tokens")
     kw = dict(n_ctx=ctx, threads=threads, disk_cache=False)
-    with _open(reference, kw) as ref, _open(model, kw) as cand:
-        if ref.backend.n_vocab != cand.backend.n_vocab:
-            raise UsageError(f"the model's vocabulary ({cand.backend.n_vocab}) differs from the reference's "
-                             f"({ref.backend.n_vocab}): KL divergence needs the same tokenizer")
+    options = list(load_options) if load_options is not None else [{}] * len(models)
+    with ExitStack() as stack:
+        ref = stack.enter_context(_open(reference, kw))
+        cands = [stack.enter_context(_open(m, {**kw, **o})) for m, o in zip(models, options, strict=True)]
+        for cand in cands:
+            if ref.backend.n_vocab != cand.backend.n_vocab:
+                raise UsageError(f"the model's vocabulary ({cand.backend.n_vocab}) differs from the reference's "
+                                 f"({ref.backend.n_vocab}): KL divergence needs the same tokenizer")
         tokens = ref.tokenize(text)
         n_chunks = len(tokens) // ctx
         if max_chunks:
             n_chunks = min(n_chunks, max_chunks)
         if n_chunks < 1:
             raise UsageError(f"the evaluation text has {len(tokens)} tokens; at least {ctx} (one chunk) are needed")
-        parts: list[tuple[np.ndarray, ...]] = []
+        parts: list[list[tuple[np.ndarray, ...]]] = [[] for _ in cands]
         first = ctx // 2
         for c in range(n_chunks):
             chunk = tokens[c * ctx:(c + 1) * ctx]
-            logits = []
-            for session in (ref, cand):
-                session.backend.truncate(0)
-                session.tokens.clear()
-                logits.append(session.backend.eval_all_logits(chunk)[first:-1])
             targets = np.asarray(chunk[first + 1:])
-            parts.append(compare_logits(logits[0], logits[1], targets))
+            ref_logits = _chunk_logits(ref, chunk)[first:-1]
+            for part, cand in zip(parts, cands):
+                part.append(compare_logits(ref_logits, _chunk_logits(cand, chunk)[first:-1], targets))
             if progress:
                 progress(c + 1, n_chunks)
+    return [_result(m, reference, part) for m, part in zip(models, parts)]
+
+
+def _chunk_logits(session: Any, chunk: list[int]) -> np.ndarray:
+    session.backend.truncate(0)
+    session.tokens.clear()
+    return session.backend.eval_all_logits(chunk)
+
+
+def _result(model: str | os.PathLike[str], reference: str | os.PathLike[str],
+            parts: list[tuple[np.ndarray, ...]]) -> EvalResult:
+    from edgellm.gguf_check import validate_gguf
+
     kld, agree, nll, ref_nll = (np.concatenate([p[i] for p in parts]) for i in range(4))
     if Path(model).suffix == ".mlpackage":   # a Core ML package: its program's weights, side files not counted
         from edgellm.runtime_coreml import coreml_facts

@@ -9,13 +9,15 @@ from typing import Any
 def greedy_decode_tps(session: Any, n: int, first: int, context: Sequence[int] = ()) -> float:
     """tok/s of n greedy steps (eval one token, sample) after one untimed step from `first`: the decode loop with
     nothing around it, as llama-bench's tg times llama.cpp's. `context`: tokens evaluated before `first` (decode
-    at that KV depth, as llama-bench's -d)."""
+    at that KV depth, as llama-bench's -d); a session that holds exactly them already keeps them (optimize has
+    just timed their prefill)."""
     from . import GREEDY
 
     be = session.backend
-    session.reset()
-    if context:
-        session.prefill(list(context))
+    if not context or session.tokens != list(context):
+        session.reset()
+        if context:
+            session.prefill(list(context))
     be.reset_sampler(GREEDY, ())
     be.eval([first])
     tok = be.sample(GREEDY)

@@ -2,12 +2,14 @@
 bound, and remember the answer.
 
 No peer does this: llama.cpp, Ollama, MLC and onnxruntime-genai all run what they are given. Here the
-candidates for a GGUF file are the file itself on llama.cpp and its blocks carried into a fused ONNX graph
-without re-rounding (converters/gguf_onnx.py: 'lossless'), plus, for the 'balanced' bound, edgellm's
-calibrated int4 ONNX export. Each candidate's quality is measured as mean KL divergence to the source file
-(run by llama.cpp, as the user had it) on the shipped held-out text; those within the bound are timed on
-this device — a short chat's decode, decode after 768 tokens of context, prefill and time to first token,
-twice, interleaved, one candidate loaded at a time — and the fastest decoder over both depths wins. The
+candidates for a GGUF file are the file itself on llama.cpp (on a CPU also with llama.cpp's flash attention,
+which is faster or slower than its default kernel depending on the CPU and the depth) and its blocks carried
+into a fused ONNX graph without re-rounding (converters/gguf_onnx.py: 'lossless'), plus, for the 'balanced'
+bound, edgellm's calibrated int4 ONNX export. Each candidate's quality is measured as mean KL divergence to
+the source file (run by llama.cpp, as the user had it) on the shipped held-out text; those within the bound
+are timed on this device — a short chat's time to first token and decode, a short turn's prefill and decode
+after 768 tokens of context, and a long prefill, twice, interleaved, one candidate loaded at a time — and
+the one that answers a shallow and a deep turn soonest wins (Candidate.conversation_tps). The
 decision and its figures are kept in the store, keyed by the model's content fingerprint, the device profile
 and the library versions: a later `edgellm chat` pays nothing, and an upgrade or another device measures
 again.
@@ -30,14 +32,16 @@ QUALITY = {"lossless": 0.005, "balanced": 0.05}   # bound on mean KLD to the sou
 # the transcoded graph's form, part of the decision's key and of the artifact's directory: 2 = float zero
 # points (Q4_1, Q4_K) as integer blocks plus per-block offsets (converters/onnx_graph.py, offset_linear)
 TRANSCODE_FORMAT = 2
-DECISION_FORMAT = 2  # 2: decode timed shallow and deep, ranked by conversation_tps (older decisions measure again)
+# 2: decode timed shallow and deep; 3: a flash-attention candidate and ranking by whole turns (older ones measure again)
+DECISION_FORMAT = 3
 DEFAULT_QUALITY = "balanced"
+BUSY = 0.25   # other processes' share of the CPUs above which the timings are called shaky (2 threads on 2 cores)
 Progress = Callable[[str], None]
 
 
 @dataclass
 class Candidate:
-    name: str                    # 'llama.cpp' | 'onnx-lossless' | 'onnx-int4'
+    name: str                    # 'llama.cpp' | 'llama.cpp-fa' | 'onnx-lossless' | 'onnx-int4'
     backend: str                 # 'llama.cpp' | 'onnxruntime'
     path: str
     size_bytes: int = 0
@@ -47,17 +51,25 @@ class Candidate:
     ttft_s: float | None = None
     excluded: str | None = None  # why it is not eligible (over the bound, could not be built)
     deep_decode_tps: float | None = None  # greedy decode after DEEP_TOKENS of context
+    turn_prefill_s: float | None = None   # a TURN_TOKENS user turn's prefill after DEEP_TOKENS of context
+    flash_attn: bool | None = None        # llama.cpp candidates: its flash-attention kernel on (None: load()'s default)
 
     @property
     def conversation_tps(self) -> float:
-        """What the choice ranks by: tok/s over equal numbers of tokens decoded shallow and deep (the
-        harmonic mean). Why: backends' attention grows differently with depth (the transcoded ONNX graph
-        wins a short chat and loses after ~900 tokens here), and a chat spends its time at both."""
+        """What the choice ranks by: answered tokens per second over a modelled two-turn chat — a short chat's
+        time to first token and DECODE_TOKENS decoded, then a TURN_TOKENS turn's prefill and DECODE_TOKENS
+        decoded after DEEP_TOKENS of context. Why whole turns at both depths: backends' attention grows
+        differently with depth (the transcoded ONNX graph wins a short chat and loses after ~900 tokens on one
+        CPU), and llama.cpp's flash attention decodes faster on another CPU while prefilling a short turn over a
+        deep cache slower — ranked by decode alone it would win without that cost being seen. A figure not
+        measured counts as no time (decode alone)."""
         if not self.decode_tps:
             return 0.0
+        seconds = (self.ttft_s or 0.0) + DECODE_TOKENS / self.decode_tps
         if not self.deep_decode_tps:
-            return self.decode_tps
-        return 2 / (1 / self.decode_tps + 1 / self.deep_decode_tps)
+            return DECODE_TOKENS / seconds
+        seconds += (self.turn_prefill_s or 0.0) + DECODE_TOKENS / self.deep_decode_tps
+        return 2 * DECODE_TOKENS / seconds
 
 
 @dataclass
@@ -72,7 +84,7 @@ class Decision:
     winner: str
     seconds: float
     measured_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    load: float = 0.0   # the 1-minute load average per CPU while measuring: above ~0.5 the figures are shaky
+    load: float = 0.0   # the share of the CPUs other processes used while measuring: above BUSY the figures are shaky
 
     @property
     def chosen(self) -> Candidate:
@@ -83,7 +95,7 @@ class Decision:
         win = self.chosen
         others = [c for c in self.candidates if c.name != win.name and c.decode_tps]
         vs = ", ".join(f"{c.name} {_decode_figures(c)}" for c in others) or "no other candidate within the bound"
-        busy = f", CPUs busy (load {self.load:.1f}/CPU)" if self.load > 0.5 else ""
+        busy = f", other processes using {self.load:.0%} of the CPUs" if self.load > BUSY else ""
         return (f"measured on this device ({self.measured_at}{busy}): {win.name} decodes {_decode_figures(win)} "
                 f"(prefill {win.prefill_tps:.0f} tok/s, TTFT {1000 * win.ttft_s:.0f} ms) vs {vs}; "
                 f"quality {self.quality} (KLD to the source ≤ {self.kld_bound})")
@@ -94,7 +106,7 @@ class Decision:
 
 def _decode_figures(c: Candidate) -> str:
     deep = f" ({c.deep_decode_tps:.0f} after {DEEP_TOKENS} tokens)" if c.deep_decode_tps else ""
-    return f"{c.decode_tps:.0f} tok/s{deep}"
+    return f"{c.decode_tps:.0f} tok/s{deep}, {c.conversation_tps:.0f} over whole turns"
 
 
 def versions() -> dict[str, str]:
@@ -181,23 +193,24 @@ def optimize(model: str | os.PathLike[str] | None = None, *, quality: str = DEFA
     if not force and (hit := _read(work / "decision.json", fp, quality)) is not None:
         return hit
     work.mkdir(parents=True, exist_ok=True)
+    clock = _cpu_clock()
     cands = _build(ref.path, work, quality, say)
     bound = QUALITY[quality]
-    for c in cands:
-        if c.excluded is None and c.backend != "llama.cpp":
-            say(f"quality of {c.name}: KL divergence to the source on held-out text")
-            c.mean_kld = _kld(c.path, ref.path, threads)
-            if c.mean_kld > bound:
-                c.excluded = f"mean KLD {c.mean_kld:.4f} to the source is over the {quality} bound {bound}"
-        elif c.backend == "llama.cpp":
-            c.mean_kld = 0.0
+    scored = [c for c in cands if c.excluded is None and (c.backend != "llama.cpp" or c.flash_attn is not None)]
+    if scored:
+        say(f"quality of {', '.join(c.name for c in scored)}: KL divergence to the source on held-out text")
+    for c, kld in zip(scored, _kld(scored, ref.path, threads), strict=True):
+        c.mean_kld = kld
+        if kld > bound:
+            c.excluded = f"mean KLD {kld:.4f} to the source is over the {quality} bound {bound}"
+    cands[0].mean_kld = 0.0   # the source itself, run as load() runs it
     _time_all([c for c in cands if c.excluded is None], threads, say)
     eligible = [c for c in cands if c.excluded is None and c.decode_tps]
     winner = max(eligible, key=lambda c: (c.conversation_tps, c.prefill_tps or 0.0))
     decision = Decision(str(ref.path), fp, quality, bound, device_key(), versions(), cands, winner.name,
-                        round(time.perf_counter() - t0, 1), load=_busy())
-    if decision.load > 0.5:
-        say(f"note: the CPUs were busy while measuring (load {decision.load:.1f} per CPU): re-run "
+                        round(time.perf_counter() - t0, 1), load=_busy(clock))
+    if decision.load > BUSY:
+        say(f"note: other processes used {decision.load:.0%} of the CPUs while measuring: re-run "
             "`edgellm optimize --force` on an idle machine for a sounder choice")
     from .atomic import write_atomic
 
@@ -205,17 +218,40 @@ def optimize(model: str | os.PathLike[str] | None = None, *, quality: str = DEFA
     return decision
 
 
-def _busy() -> float:
+def _cpu_clock() -> tuple[float, float | None, float]:
+    """(wall s, CPU-seconds every process on the machine has run — None off Linux —, this process's own)."""
+    own = sum(os.times()[:2])   # user + system of every thread here (llama.cpp's and onnxruntime's too)
     try:
-        return round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+        machine = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")   # all but idle and iowait
+    except (OSError, ValueError, IndexError):
+        machine = None
+    return time.monotonic(), machine, own
+
+
+def _busy(since: tuple[float, float | None, float]) -> float:
+    """The share of the CPUs *other* processes used since `since` (a _cpu_clock()): what makes the timings shaky.
+    Why not the load average: it counts optimize's own threads, so a 2-thread run on 2 cores read as 'busy'
+    every time. Off Linux, the load average less this process's own share."""
+    wall, machine, own = (b - a if a is not None and b is not None else None for a, b in zip(since, _cpu_clock()))
+    cpus = os.cpu_count() or 1
+    if not wall:
+        return 0.0
+    if machine is not None:
+        return round(max(0.0, (machine - own) / (wall * cpus)), 2)
+    try:
+        return round(max(0.0, os.getloadavg()[0] / cpus - own / (wall * cpus)), 2)
     except OSError:
         return 0.0
 
 
 def _build(gguf: Path, work: Path, quality: str, say: Progress) -> list[Candidate]:
     from .converters.gguf_onnx import transcode
+    from .device import probe
 
     cands = [Candidate("llama.cpp", "llama.cpp", str(gguf), gguf.stat().st_size)]
+    if not probe().metal:   # on the CPU load() runs llama.cpp without flash attention (on Metal it is on)
+        cands.append(Candidate("llama.cpp-fa", "llama.cpp", str(gguf), gguf.stat().st_size, flash_attn=True))
     lossless = work / f"onnx-lossless-v{TRANSCODE_FORMAT}"
     c = Candidate("onnx-lossless", "onnxruntime", str(lossless))
     if not (lossless / "model.onnx").is_file():
@@ -243,14 +279,19 @@ def _build(gguf: Path, work: Path, quality: str, say: Progress) -> list[Candidat
     return cands
 
 
-def _kld(candidate: str, source: Path, threads: int | None) -> float:
-    from .converters.evaluate import evaluate
+def _kld(cands: list[Candidate], source: Path, threads: int | None) -> list[float]:
+    """Each candidate's mean KLD to the source file (run as load() runs it), the source evaluated once."""
+    from .converters.evaluate import evaluate_many
     from .texts import heldout_text
 
-    return round(evaluate(candidate, source, heldout_text(), ctx=512, threads=threads, max_chunks=2).mean_kld, 6)
+    if not cands:
+        return []
+    opts = [{} if c.flash_attn is None else {"flash_attn": c.flash_attn} for c in cands]
+    return [round(r.mean_kld, 6) for r in evaluate_many([c.path for c in cands], source, heldout_text(), ctx=512,
+                                                       threads=threads, max_chunks=2, load_options=opts)]
 
 
-DECODE_TOKENS, PREFILL_TOKENS, DEEP_TOKENS, DEEP_DECODE = 96, 256, 768, 48
+DECODE_TOKENS, DEEP_TOKENS, DEEP_DECODE, TURN_TOKENS = 96, 768, 48, 25
 TIMING_ROUNDS = 2
 
 
@@ -262,39 +303,56 @@ def _time_all(cands: list[Candidate], threads: int | None, say: Progress) -> Non
     for r in range(TIMING_ROUNDS):
         for c in cands if r % 2 == 0 else cands[::-1]:
             say(f"timing {c.name} on this device ({r + 1}/{TIMING_ROUNDS})")
-            dec, pre, ttft, deep = _time(c.path, threads)
-            c.decode_tps, c.prefill_tps = max(c.decode_tps or 0.0, dec), max(c.prefill_tps or 0.0, pre)
-            c.ttft_s, c.deep_decode_tps = min(c.ttft_s or float("inf"), ttft), max(c.deep_decode_tps or 0.0, deep)
+            t = _time(c.path, threads, c.flash_attn)
+            for rate in ("decode_tps", "prefill_tps", "deep_decode_tps"):     # best of the rounds
+                setattr(c, rate, max(getattr(c, rate) or 0.0, getattr(t, rate)))
+            for span in ("ttft_s", "turn_prefill_s"):
+                setattr(c, span, min(getattr(c, span) or float("inf"), getattr(t, span)))
 
 
-def _time(path: str, threads: int | None) -> tuple[float, float, float, float]:
-    """One try each: (decode tok/s, prefill tok/s, TTFT s) of a short chat and decode tok/s after DEEP_TOKENS
-    of context."""
+@dataclass(frozen=True)
+class Timing:
+    """One try of each figure optimize ranks by (see Candidate)."""
+    decode_tps: float
+    prefill_tps: float
+    ttft_s: float
+    deep_decode_tps: float
+    turn_prefill_s: float
+
+
+def _time(path: str, threads: int | None, flash_attn: bool | None = None) -> Timing:
+    """One try each: a short chat's TTFT and decode, the prefill of DEEP_TOKENS - 1 tokens of text, and after them
+    the greedy decode and a TURN_TOKENS turn's prefill."""
     from . import GREEDY, load
     from .decode_timing import greedy_decode_tps
     from .texts import heldout_text
 
     # speculate=False: the backends are compared on their own decode (prompt lookup applies to either)
-    with load(path, n_ctx=1024, threads=threads, disk_cache=False, sampler=GREEDY, speculate=False) as s:
+    with load(path, n_ctx=1024, threads=threads, disk_cache=False, sampler=GREEDY, speculate=False,
+              flash_attn=flash_attn) as s:
         text = s.tokenize(heldout_text())
         question = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
         s.memory_cache = type(s.memory_cache)(0)   # cold: nothing reused
         done = s.chat(question, max_tokens=DECODE_TOKENS).stats
         s.reset()
-        passage = s.tokenize(s.detokenize(text[:PREFILL_TOKENS]))
+        context = text[:DEEP_TOKENS - 1]
         t0 = time.perf_counter()
-        s.prefill(passage)
-        prefill = len(s.tokens) / (time.perf_counter() - t0)
-        deep = greedy_decode_tps(s, DEEP_DECODE, text[DEEP_TOKENS - 1], text[:DEEP_TOKENS - 1])
-    return round(done.decode_tps, 1), round(prefill, 1), round(done.ttft_s, 4), round(deep, 1)
+        s.prefill(context)   # the long prefill, which then puts the decode below at depth
+        prefill = len(context) / (time.perf_counter() - t0)
+        deep = greedy_decode_tps(s, DEEP_DECODE, text[DEEP_TOKENS - 1], context)
+        t0 = time.perf_counter()
+        s.prefill(text[:DEEP_TOKENS - 1 + TURN_TOKENS])   # the context is kept: only the turn is evaluated
+        turn = time.perf_counter() - t0
+    return Timing(round(done.decode_tps, 1), round(prefill, 1), round(done.ttft_s, 4), round(deep, 1), round(turn, 4))
 
 
 def load_optimized(path: Path, *, quality: str, pinned: str | None, device: str, n_ctx: int, threads: int | None,
                    check_memory: bool, session_kw: dict, llama_options: dict):
     """The Session edgellm.load(optimize=True / backend='onnx') opens, or None to load the GGUF as usual.
 
-    llama.cpp-only options (several sequences, RPC workers, a KV type, flash attention) keep the model on
-    llama.cpp, which alone has them; so does a missing onnx extra (unless onnx was pinned)."""
+    llama.cpp-only options (several sequences, RPC workers, a KV type, flash attention on) keep the model on
+    llama.cpp, which alone has them; so does a missing onnx extra (unless onnx was pinned). flash_attn=False
+    keeps the measured choice but not flash attention: a llama.cpp-fa winner runs as plain llama.cpp."""
     import dataclasses
 
     from .runtime_gguf import load_gguf
@@ -314,13 +372,15 @@ def load_optimized(path: Path, *, quality: str, pinned: str | None, device: str,
             raise BackendError(f"no ONNX form of {path.name} is within the {quality} bound: "
                                + "; ".join(f"{c.name}: {c.excluded}" for c in decision.candidates if c.excluded))
         chosen = max(onnx, key=lambda c: c.conversation_tps)
+    if chosen.flash_attn and llama_options.get("flash_attn") is False:
+        chosen = next(c for c in decision.candidates if c.name == "llama.cpp")
     why = decision.reason() if chosen.name == decision.winner else f"pinned: {chosen.name} ({decision.reason()})"
     if chosen.backend == "onnxruntime":
         session = load_onnx(Path(chosen.path), device=device, n_ctx=n_ctx, threads=threads,
                             check_memory=check_memory, session_kw=session_kw)
     else:
         session = load_gguf(path, device=device, n_ctx=n_ctx, threads=threads, check_memory=check_memory,
-                            session_kw=session_kw)
+                            session_kw=session_kw, flash_attn=chosen.flash_attn)
     session.plan = dataclasses.replace(session.plan, reasons=(why, *session.plan.reasons))
     session.optimized = decision
     return session

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import edgellm
-from edgellm.converters.evaluate import evaluate
+from edgellm.converters.evaluate import evaluate, evaluate_many
 from edgellm.converters.pipeline import convert
 from edgellm.converters.quantize import quantize
 from edgellm.errors import UsageError
@@ -43,6 +43,10 @@ def test_pipeline_gguf_to_hf_to_quantized_gguf(default_model_path, tmp_path):
     r = evaluate(q.output, f32.output, heldout_text(), ctx=512, max_chunks=2)
     print(f"\nQ8_0 vs F32 on held-out text: mean KLD {r.mean_kld:.5f}, top-1 {r.top1_agreement:.3f}")
     assert r.mean_kld <= 0.01 and r.top1_agreement >= 0.93, (r.mean_kld, r.top1_agreement)
+    # several models against one reference pass (optimize's candidates): each scored as if alone
+    both = evaluate_many([q.output, f32.output], f32.output, heldout_text(), ctx=512, max_chunks=2)
+    assert both[0].mean_kld == pytest.approx(r.mean_kld, rel=1e-6) and both[0].model == str(q.output)
+    assert both[1].mean_kld < 1e-6 and both[1].top1_agreement == 1.0
     with edgellm.load(q.output, n_ctx=256, disk_cache=False) as s:
         assert np.isfinite(s.logits(prompt)).all()
     with pytest.raises(UsageError):

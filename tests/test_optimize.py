@@ -46,7 +46,10 @@ def test_decision_is_stored_and_reused_and_keyed(decision, default_model_path, m
     assert again.measured_at == decision.measured_at and again.winner == decision.winner  # not measured again
     assert opt.cached(default_model_path, "lossless").measured_at == decision.measured_at
     assert decision.winner in {c.name for c in decision.candidates if c.excluded is None}
-    assert all(c.decode_tps and c.prefill_tps and c.ttft_s and c.deep_decode_tps
+    assert all(c.decode_tps and c.prefill_tps and c.ttft_s and c.deep_decode_tps and c.turn_prefill_s
+               for c in decision.candidates if c.excluded is None)
+    # the deep turn evaluates only its own tokens: the 767 before it stay in the KV cache
+    assert all(c.turn_prefill_s < (opt.DEEP_TOKENS / 4) / c.prefill_tps
                for c in decision.candidates if c.excluded is None)
     eligible = [c for c in decision.candidates if c.excluded is None]
     assert decision.winner == max(eligible, key=lambda c: c.conversation_tps).name
@@ -138,7 +141,7 @@ def test_cli_optimize_prints_the_decision(decision, default_model_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["winner"] == decision.winner and d["reason"].startswith("measured on this device")
-    assert {c["name"] for c in d["candidates"]} == {"llama.cpp", "onnx-lossless"}
+    assert {c["name"] for c in d["candidates"]} == {"llama.cpp", "llama.cpp-fa", "onnx-lossless"}  # a CPU
     np.testing.assert_equal(d["kld_bound"], opt.QUALITY["lossless"])
     assert dataclasses.asdict(decision.chosen)["path"] == d["candidates"][[c["name"] for c in d["candidates"]].index(
         d["winner"])]["path"]
@@ -146,10 +149,64 @@ def test_cli_optimize_prints_the_decision(decision, default_model_path):
 
 def test_the_ranking_weighs_a_deep_context_as_much_as_a_short_chat():
     """A backend that wins a short chat by 10 % but decodes at half speed after 768 tokens loses: the rank is
-    tok/s over equal numbers of tokens at both depths (harmonic mean), not the short chat alone."""
+    answered tok/s over a shallow and a deep turn of equal length, not the short chat alone."""
     fast_short = opt.Candidate("a", "onnxruntime", "a", decode_tps=110.0, deep_decode_tps=50.0)
     steady = opt.Candidate("b", "llama.cpp", "b", decode_tps=100.0, deep_decode_tps=80.0)
-    assert steady.conversation_tps == pytest.approx(2 / (1 / 100 + 1 / 80))
+    assert steady.conversation_tps == pytest.approx(2 / (1 / 100 + 1 / 80))   # no prefill timed: decode alone
     assert steady.conversation_tps > fast_short.conversation_tps
     assert opt.Candidate("c", "llama.cpp", "c", decode_tps=90.0).conversation_tps == 90.0  # not timed deep
     assert opt.Candidate("d", "llama.cpp", "d").conversation_tps == 0.0
+
+
+def test_the_ranking_counts_the_prefill_of_each_turn():
+    """llama.cpp's CPU flash attention (measured on an AMD EPYC): faster decode, slower short turns over a deep
+    cache. It wins when its decode gain outweighs the turn's prefill, and loses when it does not — which a rank
+    by decode alone could not see."""
+    n = opt.DECODE_TOKENS
+    plain = opt.Candidate("llama.cpp", "llama.cpp", "m", decode_tps=120.0, deep_decode_tps=100.0, ttft_s=0.12,
+                          turn_prefill_s=0.10)
+    assert plain.conversation_tps == pytest.approx(2 * n / (0.12 + n / 120 + 0.10 + n / 100))
+    fa = dataclasses.replace(plain, name="llama.cpp-fa", flash_attn=True, decode_tps=130.0, turn_prefill_s=0.15)
+    assert fa.conversation_tps > plain.conversation_tps           # 8 % faster decode pays for 50 ms more
+    slow_turns = dataclasses.replace(fa, turn_prefill_s=0.40)
+    assert slow_turns.decode_tps > plain.decode_tps and slow_turns.conversation_tps < plain.conversation_tps
+
+
+def test_a_flash_attention_winner_loads_with_it_unless_turned_off(decision, default_model_path, monkeypatch):
+    """The llama.cpp-fa candidate is the same file with flash attention on: its quality is measured (KLD to the
+    file run the default way), and when it wins load(optimize=True) turns it on — flash_attn=False still wins."""
+    fa = next(c for c in decision.candidates if c.name == "llama.cpp-fa")
+    assert fa.flash_attn is True and fa.path == decision.source and fa.mean_kld is not None
+    assert fa.mean_kld > 0   # another kernel: not assumed equal (f16 accumulation; 0.0032 on an AMD EPYC)
+    assert (fa.excluded is None) == (fa.mean_kld <= opt.QUALITY["lossless"])
+    won = dataclasses.replace(decision, winner="llama.cpp-fa")
+    monkeypatch.setattr(opt, "optimize", lambda *a, **k: won)
+    with edgellm.load(default_model_path, n_ctx=512, optimize=True, disk_cache=False) as s:
+        assert s.backend.options.flash_attn is True and s.plan.reasons[0].startswith("measured on this device")
+    with edgellm.load(default_model_path, n_ctx=512, optimize=True, flash_attn=False, disk_cache=False) as s:
+        assert s.backend.options.flash_attn is False and s.plan.reasons[0].startswith("pinned: llama.cpp ")
+
+
+def test_busy_counts_other_processes_not_optimize_itself(monkeypatch):
+    """The 'CPUs busy' warning measures what other processes ran while timing; optimize's own threads (2 on 2
+    cores) filled the load average and set it off on every run."""
+    monkeypatch.setattr(opt.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(opt, "_cpu_clock", lambda: (12.0, 113.0, 57.0))
+    assert opt._busy((10.0, 110.0, 55.0)) == pytest.approx((3 - 2) / (2 * 2))   # 3 CPU-s in all, 2 of them ours
+    monkeypatch.setattr(opt, "_cpu_clock", lambda: (12.0, 113.0, 59.0))
+    assert opt._busy((10.0, 110.0, 55.0)) == 0.0                                # never below zero
+    monkeypatch.undo()
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("the machine's CPU clock is read from /proc/stat")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        clock = opt._cpu_clock()
+        time.sleep(1.0)
+        share = opt._busy(clock)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert share >= 0.7 / (os.cpu_count() or 1)    # one process spinning a CPU is seen

@@ -63,13 +63,14 @@ def command(model: str | None, n_ctx: int, as_json: bool) -> None:
     for w in plan.warnings:
         out.print(f"  [yellow]! {w}[/yellow]")
     if decision is not None:
-        from ..optimize import DEEP_TOKENS
+        from ..optimize import DEEP_TOKENS, TURN_TOKENS
 
         out.print(f"\n[bold]Optimized[/bold] (chat, run and serve --parallel 1 use it): {decision.winner} — "
                   f"{decision.reason()}")
         for c in decision.candidates:
             figures = (f"decode {c.decode_tps} tok/s ({c.deep_decode_tps} after {DEEP_TOKENS} tokens), prefill "
-                       f"{c.prefill_tps} tok/s, TTFT {c.ttft_s} s"
+                       f"{c.prefill_tps} tok/s, TTFT {c.ttft_s} s, a {TURN_TOKENS}-token turn after {DEEP_TOKENS} "
+                       f"{c.turn_prefill_s} s; whole turns {c.conversation_tps:.1f} tok/s"
                        if c.decode_tps else c.excluded or "not timed")
             out.print(f"  - {c.name}: {c.size_bytes / 1e6:.1f} MB, KLD {c.mean_kld}, {figures}")
 
