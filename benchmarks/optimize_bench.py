@@ -1,15 +1,16 @@
 """`edgellm optimize` against llama-bench: the time optimize takes, the quality of each candidate, and the chosen
 path's decode and prefill against llama.cpp's own llama-bench on the shipped GGUF, in the same run.
 
-Per round (interleaved, `--rounds`): llama-bench `tg` at the chat's KV depth and `pp512` on the GGUF file (built from
-the llama.cpp that llama-cpp-python vendors, benchmarks/llama_bench.py), with flash attention off and on, then every
-candidate timed the way optimize times it (a streamed chat's decode tok/s, a 767-token prefill, greedy decode after
-768 tokens — against llama-bench tg at that depth). Ratios are per round, then the median. The speed targets take
-llama-bench at its best flash-attention setting in that round (the peer as a user would tune it); the chat-overhead
-target compares each llama.cpp candidate with llama-bench at its own setting (same kernel, so what remains is
-edgellm's per-token cost). Targets (issue 18): lossless (KLD ≤ 0.005) decode ≥ 1.5x llama-bench, balanced
-(KLD ≤ 0.05) ≥ 2.0x, prefill ≥ 1.0x pp512, optimize ≤ 90 s, and the llama.cpp path's chat decode ≥ 0.97x
-llama-bench tg. The bandwidth ceiling is what this machine's memory can stream over each candidate's bytes.
+Per round (interleaved, `--rounds`): llama-bench on the GGUF file (built from the llama.cpp that llama-cpp-python
+vendors, benchmarks/llama_bench.py) with flash attention off and on — `tg` at the chat's KV depth, `pp512` into an
+empty cache, `tg` after 768 tokens — then every candidate timed the way optimize times it (a streamed chat's decode
+tok/s, a 512-token prefill into an empty cache, greedy decode after 768 tokens). Ratios are per round, then the
+median. The speed targets take llama-bench at its best flash-attention setting in that round (the peer as a user
+would tune it); the chat-overhead target compares each llama.cpp candidate with llama-bench at its own setting
+(same kernel, so what remains is edgellm's per-token cost). Targets (issue 18): lossless (KLD ≤ 0.005) decode
+≥ 1.5x llama-bench, balanced (KLD ≤ 0.05) ≥ 2.0x, prefill ≥ 1.0x pp512, optimize ≤ 90 s, and the llama.cpp path's
+chat decode ≥ 0.97x llama-bench tg. The bandwidth ceiling is what this machine's memory can stream over each
+candidate's bytes.
 Then the runtime's TTFT targets on each chosen path (edgellm.bench.measure_ttft: warm ≤ 10 %, after a restart
 ≤ 20 %, shipped system-prompt state ≤ 25 % of cold), with the GGUF on llama.cpp measured the same way beside it.
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     benchmeta.start()
     from edgellm import store
     from edgellm.bench import measure_bandwidth, measure_ttft
-    from edgellm.optimize import DEEP_DECODE, DEEP_TOKENS, _fingerprint, _time, _work_dir, optimize
+    from edgellm.optimize import DEEP_DECODE, DEEP_TOKENS, PREFILL_TOKENS, _fingerprint, _time, _work_dir, optimize
 
     gguf = store.resolve(args.model).path
     exe = ensure_llama_bench()
@@ -80,12 +81,13 @@ def main(argv: list[str] | None = None) -> None:
         _log(f"round {r + 1}/{args.rounds}: llama-bench (flash attention off, on), then each candidate")
         row = {}
         for fa in (False, True):
-            lb = run_llama_bench(gguf, args.threads, n_prompt=512, n_gen=96, reps=1, binary=exe, flash_attn=fa,
-                                 depth=CHAT_DEPTH)
-            deep = run_llama_bench(gguf, args.threads, n_prompt=0, n_gen=DEEP_DECODE, reps=1, binary=exe,
-                                   flash_attn=fa, depth=DEEP_TOKENS)
-            row[f"llama_bench_fa{int(fa)}"] = {"tg_tps": lb["tg_tps"], "pp512_tps": lb["pp_tps"],
-                                               "deep_tg_tps": deep["tg_tps"]}
+            def lb(n_prompt: int, n_gen: int, depth: int, fa: bool = fa) -> dict:
+                return run_llama_bench(gguf, args.threads, n_prompt=n_prompt, n_gen=n_gen, reps=1, binary=exe,
+                                       flash_attn=fa, depth=depth)
+
+            row[f"llama_bench_fa{int(fa)}"] = {"tg_tps": lb(0, 96, CHAT_DEPTH)["tg_tps"],
+                                               "pp512_tps": lb(PREFILL_TOKENS, 0, 0)["pp_tps"],
+                                               "deep_tg_tps": lb(0, DEEP_DECODE, DEEP_TOKENS)["tg_tps"]}
         row["llama_bench_best"] = {k: max(row["llama_bench_fa0"][k], row["llama_bench_fa1"][k])
                                    for k in row["llama_bench_fa0"]}
         for name, (_, cand) in list(paths.items())[::1 if r % 2 == 0 else -1]:

@@ -291,7 +291,7 @@ def _kld(cands: list[Candidate], source: Path, threads: int | None) -> list[floa
                                                        threads=threads, max_chunks=2, load_options=opts)]
 
 
-DECODE_TOKENS, DEEP_TOKENS, DEEP_DECODE, TURN_TOKENS = 96, 768, 48, 25
+DECODE_TOKENS, PREFILL_TOKENS, DEEP_TOKENS, DEEP_DECODE, TURN_TOKENS = 96, 512, 768, 48, 25
 TIMING_ROUNDS = 2
 
 
@@ -321,8 +321,8 @@ class Timing:
 
 
 def _time(path: str, threads: int | None, flash_attn: bool | None = None) -> Timing:
-    """One try each: a short chat's TTFT and decode, the prefill of DEEP_TOKENS - 1 tokens of text, and after them
-    the greedy decode and a TURN_TOKENS turn's prefill."""
+    """One try each: a short chat's TTFT and decode, a PREFILL_TOKENS prompt's prefill into an empty cache, and
+    after DEEP_TOKENS of text the greedy decode and a TURN_TOKENS turn's prefill."""
     from . import GREEDY, load
     from .decode_timing import greedy_decode_tps
     from .texts import heldout_text
@@ -337,8 +337,9 @@ def _time(path: str, threads: int | None, flash_attn: bool | None = None) -> Tim
         s.reset()
         context = text[:DEEP_TOKENS - 1]
         t0 = time.perf_counter()
-        s.prefill(context)   # the long prefill, which then puts the decode below at depth
-        prefill = len(context) / (time.perf_counter() - t0)
+        s.prefill(context[:PREFILL_TOKENS])   # as llama-bench's pp512: a prompt into an empty cache
+        prefill = PREFILL_TOKENS / (time.perf_counter() - t0)
+        s.prefill(context)                    # the rest, untimed: the decode below runs at depth
         deep = greedy_decode_tps(s, DEEP_DECODE, text[DEEP_TOKENS - 1], context)
         t0 = time.perf_counter()
         s.prefill(text[:DEEP_TOKENS - 1 + TURN_TOKENS])   # the context is kept: only the turn is evaluated
