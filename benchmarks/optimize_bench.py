@@ -23,7 +23,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                                    for k in row["llama_bench_fa0"]}
         for name, (_, cand) in list(paths.items())[::1 if r % 2 == 0 else -1]:
             row[name] = asdict(_time(cand.path, args.threads, cand.flash_attn))
+            row[name]["conversation_tps"] = round(replace(cand, **row[name]).conversation_tps, 1)
         rounds.append(row)
     med = statistics.median
 
@@ -102,6 +103,14 @@ def main(argv: list[str] | None = None) -> None:
                      "prefill_vs_pp512": ratio(name, "prefill_tps", "llama_bench_best", "pp512_tps"),
                      "deep_decode_vs_llama_bench": ratio(name, "deep_decode_tps", "llama_bench_best", "deep_tg_tps")}
               for name in paths}
+    # what optimize ranks by, over all rounds: how much slower than the best candidate is each decision's pick
+    # (its own two timing rounds can fall in a slow minute; candidates within a few % are a toss-up)
+    whole_turns = {name: med(x[name]["conversation_tps"] for x in rounds) for name in paths}
+    for dec in decisions.values():
+        best = max((n for n in whole_turns if n in {c["name"] for c in dec["candidates"]}), key=whole_turns.get)
+        dec["whole_turns_tps_median"] = {n: whole_turns[n] for n in whole_turns
+                                         if n in {c["name"] for c in dec["candidates"]}}
+        dec["chosen_vs_best_whole_turns"] = round(whole_turns[dec["winner"]] / whole_turns[best], 3)
     same_kernel = {name: ratio(name, "decode_tps", f"llama_bench_fa{int(bool(cand.flash_attn))}", "tg_tps")
                    for name, (_, cand) in paths.items() if cand.backend == "llama.cpp"}
     bw = measure_bandwidth(args.threads)["bandwidth_gbs"]
