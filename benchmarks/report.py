@@ -356,6 +356,33 @@ def render_speculative(d: dict) -> str:
                                        "greedy identical", "accepted / drafted"], rows, "llrrrrlll")])
 
 
+def render_optimize(d: dict) -> str:
+    """Every candidate optimize weighed — quality, whole-turn speed (what it ranks by), decode and prefill against
+    llama-bench — then what each decision chose and how far its pick was from the best over all rounds."""
+    decisions = d.get("decisions", {})
+    seen = {c["name"]: c for dec in decisions.values() for c in dec.get("candidates", [])}
+    whole = {n: v for dec in decisions.values() for n, v in dec.get("whole_turns_tps_median", {}).items()}
+    rows = []
+    for name, c in seen.items():
+        r, ceil = d.get("ratios", {}).get(name, {}), d.get("ceiling", {}).get(name, {})
+        rows.append([name, num(c.get("size_mb"), ".1f"), num(c.get("mean_kld"), ".4f"),
+                     c.get("excluded") and "excluded" or num(whole.get(name), ".1f"),
+                     num(r.get("decode_vs_llama_bench"), ".3f"), num(r.get("deep_decode_vs_llama_bench"), ".3f"),
+                     num(r.get("prefill_vs_pp512"), ".2f"), num(ceil.get("pct_of_ceiling"), ".1f")])
+    anchor = ("llama-bench at its best flash-attention setting per round" if any("llama_bench_best" in x for x in
+              d.get("rounds", [])) else "llama-bench, flash attention off")
+    lines = [f"Candidates (medians over the rounds; ratios against {anchor}; KV depth {d.get('kv_depth')} for decode, "
+             "768 for deep decode):", "",
+             table(["candidate", "MB", "KLD to source", "whole turns tok/s", "decode ×", "deep decode ×",
+                    "prefill × pp512", "% bandwidth"], rows, "lrrrrrrr"), ""]
+    for quality, dec in decisions.items():
+        vs = dec.get("chosen_vs_best_whole_turns")
+        lines.append(f"- `--quality {quality}`: chose **{dec.get('winner')}** in {num(dec.get('seconds'), '.0f')} s"
+                     + (f"; over all rounds it answers whole turns at {num(vs, '.3f')}× the best candidate" if vs
+                        else ""))
+    return "\n".join(lines)
+
+
 def render_generic(d: dict) -> str:
     """Top-level scalar figures (and one level down) of a JSON no renderer knows yet."""
     rows = []
@@ -431,11 +458,11 @@ SECTIONS = (
             "plain decoding of the same model, same prompts and threads", render_speculative, "docs/runtime.md"),
     Section("optimize_bench", "edgellm optimize: the measured fastest path",
             "python benchmarks/optimize_bench.py", "the candidates it chooses between, measured on this device",
-            render_generic, "docs/runtime.md"),
+            render_optimize, "docs/runtime.md"),
     Section("optimize_bench_epyc", "edgellm optimize on a second device (AMD EPYC)",
             "python benchmarks/optimize_bench.py --threads 2 --rounds 5 --out benchmarks/out/optimize_bench_epyc.json",
-            "the candidates it chooses between, measured on this device (the same script as above, another CPU)",
-            render_generic, "docs/runtime.md"),
+            "the candidates it chooses between, measured on this device (the same script as above, another CPU), "
+            "and llama-bench with flash attention off and on", render_optimize, "docs/runtime.md"),
     Section("decode_context", "llama.cpp decode against llama-bench by context size and flash attention",
             "python benchmarks/decode_context.py --threads 2 --rounds 5",
             "llama-bench tg128 (-p 0 -n 128) at the same flash-attention setting, rounds interleaved",
