@@ -16,14 +16,20 @@ for a point-mass draft).
 
 When it pays (a measured rule, see docs/runtime.md): a step drafts only when the context holds a
 match for its last n-gram, and only as many tokens as the expected gain justifies. Verifying k
-drafts costs about 1 + cost_per_draft·k single steps (measured per backend); with a per-token
-acceptance rate a (tracked over recent drafts) a step yields 1 + a + … + a^k tokens on average, so
-the draft length maximising tokens per unit of cost is used, and none when no length beats 1.
+drafts costs about 1 + cost_per_draft·k single steps; with a per-token acceptance rate a (tracked over
+recent drafts) a step yields 1 + a + … + a^k tokens on average, so the draft length maximising tokens
+per unit of cost is used, and none when no length beats 1. The cost starts from the backend's figure
+measured on this project's machine (ROW_COST) and then follows what this device's verification batches
+and plain steps take (Controller.observe_*): on another CPU a row cost 0.54 of a step where the constant
+said 0.30, and drafting with the constant made grounded answers slower than plain decoding.
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import combinations
 
 import numpy as np
 
@@ -38,6 +44,8 @@ from .runtimes.sampling import distribution, penalized
 # A larger, more bandwidth-bound model makes rows cheaper.
 ROW_COST = {"llama.cpp": 0.30, "onnxruntime": 0.16}
 DEFAULT_ROW_COST = 0.15
+COST_WINDOW = 12    # recent timings the step time (a median) and the cost model (a fit) follow
+MAX_ROW_COST = 2.0  # a row cost beyond this is a stall, not the kernel's cost; it is clipped
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ class SpeculationConfig:
     ngram_max: int = 3  # the longest suffix n-gram looked up (longer matches first)
     ngram_min: int = 2  # the shortest; single tokens match too often to predict much
     max_draft: int = 8  # tokens per verification batch at most
-    row_cost: float | None = None  # None: the backend's measured ROW_COST
+    row_cost: float | None = None  # None: the backend's ROW_COST, then what this device's batches take
     prior_rate: float = 0.6  # acceptance rate assumed before any draft was verified
     memory: float = 0.8  # weight of the past in the running acceptance rate (per verified draft token)
     min_gain: float = 1.05  # draft only where the expected tokens per unit of cost beat plain decoding by this
@@ -123,7 +131,8 @@ class NgramIndex:
 
 @dataclass
 class Controller:
-    """The draft length that maximises expected tokens per unit of cost, from the running acceptance rate."""
+    """The draft length that maximises expected tokens per unit of cost, from the running acceptance rate
+    and (unless `fixed_cost`) the running cost of a draft row on this device."""
 
     row_cost: float
     max_draft: int
@@ -134,6 +143,37 @@ class Controller:
     accepted: int = 0
     steps: int = 0
     _best: dict[float, int] = field(default_factory=dict)
+    fixed_cost: bool = False
+    step_s: float | None = None   # running median wall time of a plain decode step here
+    overhead: float = 0.0         # a verification batch's fixed cost beyond one step (switching to batch kernels)
+    _steps: deque = field(default_factory=lambda: deque(maxlen=COST_WINDOW))
+    _batches: deque = field(default_factory=lambda: deque(maxlen=COST_WINDOW))
+    _prior_cost: float | None = None
+
+    def observe_step(self, seconds: float) -> None:
+        """A plain step's wall time (evaluate one token, sample): the unit verification costs are measured in."""
+        if seconds > 0:
+            self._steps.append(seconds)
+            self.step_s = statistics.median(self._steps)
+
+    def observe_batch(self, drafts: int, seconds: float) -> None:
+        """A verification of `drafts` tokens took `seconds` (batch, verify, truncate), in plain steps: refit the
+        cost model 1 + overhead + row_cost·k to the recent ones (fit_cost). Why two terms: on one CPU the first
+        draft row costs 0.9 of a step and each further one 0.45 (llama.cpp leaving its one-token kernels), on
+        another 0.4 and 0.37; one slope cannot say both 'a single draft does not pay' and 'eight do'."""
+        if self.fixed_cost or not self.step_s or drafts < 1:
+            return
+        if self._prior_cost is None:
+            self._prior_cost = self.row_cost
+        self._batches.append((drafts, min(seconds / self.step_s, 1.0 + MAX_ROW_COST * (drafts + 1))))
+        self.overhead, self.row_cost = fit_cost(self._batches, self._prior_cost)
+
+    def observe_plain(self, hit: bool) -> None:
+        """A plainly decoded token did (not) equal the first token of the draft declined before it: one more
+        observation of the acceptance rate (greedy: exactly acceptance; sampled: equal with probability p(x),
+        the acceptance rule's own). Why: the rate otherwise moves only when drafts are verified, so a cost that
+        stops drafting at the prior rate would stop it for good, even on text that copies its input."""
+        self.rate = self.memory * self.rate + (1.0 - self.memory) * float(hit)
 
     def length(self, available: int) -> int:
         """How many of `available` draft tokens to verify (0: decode one token plainly)."""
@@ -143,7 +183,7 @@ class Controller:
         for k in range(1, min(available, self.max_draft) + 1):
             term *= a
             expected += term
-            gain = expected / (1.0 + c * k)
+            gain = expected / (1.0 + self.overhead + c * k)
             if gain > best_gain:
                 best_k, best_gain = k, gain
         return best_k
@@ -158,6 +198,18 @@ class Controller:
         for i in range(observed):
             hit = 1.0 if i < accepted else 0.0
             self.rate = self.memory * self.rate + (1.0 - self.memory) * hit
+
+
+def fit_cost(batches: Sequence[tuple[int, float]], prior_row_cost: float) -> tuple[float, float]:
+    """(overhead, row cost) of cost(k) = 1 + overhead + row_cost·k from verification timings (k drafts, cost in
+    plain steps): Theil–Sen — the lower median of the slopes between pairs of different lengths, then of the
+    intercepts — with the prior (no overhead, `prior_row_cost`) among them, so one stall (llama.cpp's first
+    batch of a new size allocates its graph; another process) is not believed and two consistent timings are.
+    Hand-written: ten lines where scipy.stats.theilslopes would bring scipy into the runtime."""
+    slopes = [(r2 - r1) / (k2 - k1) for (k1, r1), (k2, r2) in combinations(batches, 2) if k1 != k2]
+    slope = min(max(statistics.median_low([prior_row_cost, *slopes]), 0.0), MAX_ROW_COST)
+    overhead = statistics.median_low([0.0, *(r - 1.0 - slope * k for k, r in batches)])
+    return max(overhead, 0.0), slope
 
 
 def greedy_verify(rows: np.ndarray, draft: Sequence[int], config: SamplerConfig,
@@ -221,8 +273,13 @@ class Speculator:
                  sampler: SamplerConfig) -> None:
         self.settings = settings
         self.index = NgramIndex(range(settings.ngram_min, settings.ngram_max + 1), context)
-        cost = settings.row_cost if settings.row_cost is not None else ROW_COST.get(backend_name, DEFAULT_ROW_COST)
-        self.control = Controller(cost, settings.max_draft, settings.prior_rate, settings.memory, settings.min_gain)
+        # each generation starts from the prior figures and learns both again: carried over, a high row cost
+        # with the prior acceptance rate would stop drafting for good (the rate moves only when drafts are verified)
+        fixed = settings.row_cost is not None
+        cost = settings.row_cost if fixed else ROW_COST.get(backend_name, DEFAULT_ROW_COST)
+        self.control = Controller(cost, settings.max_draft, settings.prior_rate, settings.memory, settings.min_gain,
+                                  fixed_cost=fixed)
+        self.declined: int | None = None   # the first token of the draft the controller just declined
         self.sampler = sampler
         self.rng = np.random.default_rng(sampler.seed)
 
@@ -230,7 +287,14 @@ class Speculator:
         """The tokens to verify after the context's last token, at most `limit` ([] to decode plainly)."""
         tokens = self.index.draft(min(self.settings.max_draft, limit if limit is not None else self.settings.max_draft))
         k = self.control.length(len(tokens)) if tokens else 0
+        self.declined = tokens[0] if tokens and not k else None
         return tokens[:k]
+
+    def plain(self, token: int) -> None:
+        """A token decoded plainly: scored against the draft declined for its position, if any."""
+        if self.declined is not None:
+            self.control.observe_plain(token == self.declined)
+            self.declined = None
 
     def verify(self, rows: np.ndarray, draft: Sequence[int], guard: float = 0.0) -> tuple[int, int | None]:
         """Rows are the logits after the context's last token and after each draft token; the next
@@ -241,5 +305,8 @@ class Speculator:
             m, nxt = greedy_verify(rows, draft, c, history, guard)
         else:
             m, nxt = sampled_verify(rows, draft, c, history, self.rng)
-        self.control.update(len(draft) if nxt is not None else m, m)
+        # a close call left to a single step (nxt None) ends what this batch could use as surely as a rejection:
+        # counted as one, so the rate is the share of drafts a batch turns into tokens (counted as accepted, it
+        # read 1.0 on llama.cpp while half the drafted rows were thrown away, and drafting ran at 0.89x)
+        self.control.update(len(draft), m)
         return m, nxt

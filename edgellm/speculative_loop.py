@@ -8,6 +8,7 @@ rejected ones before any accepted token is handed out.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,6 +79,7 @@ def tokens(session: Any, config: SamplerConfig, settings: SpeculationConfig, max
     noise = batch_noise(session, settings.max_draft + 1) if config.greedy or settings.auto else 0.0
     guard = GUARD * noise if config.greedy else 0.0
     spec = Speculator(settings, be.name, session.tokens, config)
+    control = spec.control
     index, emitted = spec.index, 1
     index.extend((tok,))
     # no probe was possible (greedy), or AUTO on a graph whose batches are not exact: decode plainly
@@ -93,11 +95,13 @@ def tokens(session: Any, config: SamplerConfig, settings: SpeculationConfig, max
             session.tokens.append(tok)
             session.tokens.extend(draft)
             try:
+                t0 = time.perf_counter()
                 rows = be.eval_rows([tok, *draft])
                 m, nxt = spec.verify(rows, draft, guard)
                 keep = base + m + (nxt is not None)  # without its next token, d_m is evaluated again
                 be.truncate(keep)
                 del session.tokens[keep:]
+                control.observe_batch(len(draft), time.perf_counter() - t0)
             except BaseException:
                 session._sync()
                 raise
@@ -106,8 +110,11 @@ def tokens(session: Any, config: SamplerConfig, settings: SpeculationConfig, max
             if penalties:  # the backend sampler's repetition window sees every emitted token
                 be.accept_tokens([*draft[:m], *([] if nxt is None else [nxt])])
         if not draft or (m == 0 and nxt is None):  # a plain step
+            t0 = time.perf_counter()
             session._eval((tok,))
             tok = be.sample(config)
+            control.observe_step(time.perf_counter() - t0)
+            spec.plain(tok)
             emitted += 1
             index.extend((tok,))
             yield tok
