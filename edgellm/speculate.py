@@ -44,6 +44,7 @@ from .runtimes.sampling import distribution, penalized
 # A larger, more bandwidth-bound model makes rows cheaper.
 ROW_COST = {"llama.cpp": 0.30, "onnxruntime": 0.16}
 DEFAULT_ROW_COST = 0.15
+CALIBRATION_PRIOR = 8.0   # tokens of agreement between the acceptance model and drafting's yield assumed at first
 COST_WINDOW = 12    # recent timings the step time (a median) and the cost model (a fit) follow
 MAX_ROW_COST = 2.0  # a row cost beyond this is a stall, not the kernel's cost; it is clipped
 
@@ -149,6 +150,9 @@ class Controller:
     _steps: deque = field(default_factory=lambda: deque(maxlen=COST_WINDOW))
     _batches: deque = field(default_factory=lambda: deque(maxlen=COST_WINDOW))
     _prior_cost: float | None = None
+    _expected: float = 0.0        # the acceptance model's expected tokens for the length last chosen
+    _predicted: float = 0.0
+    _produced: float = 0.0
 
     def observe_step(self, seconds: float) -> None:
         """A plain step's wall time (evaluate one token, sample): the unit verification costs are measured in."""
@@ -177,16 +181,29 @@ class Controller:
 
     def length(self, available: int) -> int:
         """How many of `available` draft tokens to verify (0: decode one token plainly)."""
-        best_k, best_gain = 0, self.min_gain
+        best_k, best_gain, self._expected = 0, self.min_gain, 0.0
         a, c = self.rate, self.row_cost
         expected, term = 1.0, 1.0
         for k in range(1, min(available, self.max_draft) + 1):
             term *= a
             expected += term
-            gain = expected / (1.0 + self.overhead + c * k)
+            gain = self.calibration * expected / (1.0 + self.overhead + c * k)
             if gain > best_gain:
-                best_k, best_gain = k, gain
+                best_k, best_gain, self._expected = k, gain, expected
         return best_k
+
+    @property
+    def calibration(self) -> float:
+        """Tokens verification batches produced over what the acceptance model predicted for them, with
+        CALIBRATION_PRIOR tokens of agreement assumed. Why: runs of a copied text end together, not one token at a
+        time as the geometric model has it, and the model's guess is checked against what drafting yields here."""
+        return (self._produced + CALIBRATION_PRIOR) / (self._predicted + CALIBRATION_PRIOR)
+
+    def produced(self, tokens: int) -> None:
+        """The last verification batch (of the length `length` chose) gave `tokens` tokens."""
+        if self._expected:
+            self._predicted += self._expected
+            self._produced += tokens
 
     def update(self, drafted: int, accepted: int) -> None:
         """Fold a verified draft into the rate: each draft position up to the first rejection is one
@@ -309,4 +326,5 @@ class Speculator:
         # counted as one, so the rate is the share of drafts a batch turns into tokens (counted as accepted, it
         # read 1.0 on llama.cpp while half the drafted rows were thrown away, and drafting ran at 0.89x)
         self.control.update(len(draft), m)
+        self.control.produced(m + (nxt is not None))
         return m, nxt

@@ -378,3 +378,21 @@ def test_a_generation_measures_its_row_cost(llm_spec, monkeypatch):
     assert spec.tokens == plain.tokens and spec.stats.drafted > 0
     assert seen and 0.0 <= seen[-1] <= speculate.MAX_ROW_COST
     assert seen[-1] != speculate.ROW_COST["llama.cpp"]
+
+
+def test_drafting_stops_where_batches_yield_less_than_the_model_predicts():
+    """Copied runs end together, not token by token: where verification batches keep producing half the tokens the
+    acceptance model expects, its guesses are scaled down until drafting stops; where they produce what it
+    expects, it drafts as before."""
+    def run(share: float) -> Controller:
+        c = Controller(row_cost=0.3, max_draft=8, rate=0.9, memory=0.8, min_gain=1.05)
+        for _ in range(30):
+            if c.length(8):
+                c.produced(round(share * c._expected))
+        return c
+
+    fresh = Controller(row_cost=0.3, max_draft=8, rate=0.9, memory=0.8, min_gain=1.05)
+    honest, optimistic = run(1.0), run(0.5)
+    assert fresh.calibration == 1.0 and fresh.length(8) == 5
+    assert honest.calibration == pytest.approx(1.0, abs=0.1) and honest.length(8) == 5
+    assert optimistic.calibration < 0.6 and optimistic.length(8) < 5
