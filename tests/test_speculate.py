@@ -362,8 +362,11 @@ def test_declined_drafts_still_teach_the_acceptance_rate():
 
 
 def test_a_generation_measures_its_row_cost(llm_spec, monkeypatch):
-    """The loop feeds the controller real timings: after a grounded answer the learned cost is a plausible
-    figure (not the starting constant's exact value), and the answer is still plain decoding's."""
+    """The loop feeds the controller real timings: plain steps give it a step time, each verification batch a
+    (drafts, cost in steps) pair, and the cost it drafts by is the fit of those (which may be the prior itself:
+    it is one of the slopes). No identity check here: on llama.cpp, whose batch rows are not single steps, what
+    is drafted decides which near ties can flip, and with a fitted cost that depends on this device's timings —
+    the FORCED tests above check identity with drafting that depends on the text alone."""
     from edgellm import speculate
 
     seen = []
@@ -371,13 +374,17 @@ def test_a_generation_measures_its_row_cost(llm_spec, monkeypatch):
 
     def spy(self, drafts, seconds):
         real(self, drafts, seconds)
-        seen.append(self.row_cost)
+        if self.step_s:
+            seen.append((list(self._batches), self._prior_cost, self.step_s, self.overhead, self.row_cost))
 
     monkeypatch.setattr(speculate.Controller, "observe_batch", spy)
-    plain, spec = _both(llm_spec, GROUNDED, speculate=True, max_tokens=120)
-    assert spec.tokens == plain.tokens and spec.stats.drafted > 0
-    assert seen and 0.0 <= seen[-1] <= speculate.MAX_ROW_COST
-    assert seen[-1] != speculate.ROW_COST["llama.cpp"]
+    spec = llm_spec.generate(GROUNDED, speculate=True, max_tokens=120)
+    assert spec.stats.drafted > 0 and spec.stats.generated_tokens == 120
+    assert seen, "no verification batch was timed against a plain step"
+    batches, prior, step_s, overhead, row_cost = seen[-1]
+    assert prior == speculate.ROW_COST["llama.cpp"] and 0.001 < step_s < 1.0
+    assert batches and all(1 <= k <= 8 and 0.5 < r <= 1 + speculate.MAX_ROW_COST * (k + 1) for k, r in batches)
+    assert (overhead, row_cost) == speculate.fit_cost(batches, prior)
 
 
 def test_drafting_stops_where_batches_yield_less_than_the_model_predicts():
