@@ -16,12 +16,14 @@ for a point-mass draft).
 
 When it pays (a measured rule, see docs/runtime.md): a step drafts only when the context holds a
 match for its last n-gram, and only as many tokens as the expected gain justifies. Verifying k
-drafts costs about 1 + cost_per_draft·k single steps; with a per-token acceptance rate a (tracked over
-recent drafts) a step yields 1 + a + … + a^k tokens on average, so the draft length maximising tokens
-per unit of cost is used, and none when no length beats 1. The cost starts from the backend's figure
-measured on this project's machine (ROW_COST) and then follows what this device's verification batches
-and plain steps take (Controller.observe_*): on another CPU a row cost 0.54 of a step where the constant
-said 0.30, and drafting with the constant made grounded answers slower than plain decoding.
+drafts costs about 1 + overhead + row_cost·k single steps; with a per-token acceptance rate a (tracked
+over recent drafts, and scored against plain tokens while nothing is drafted) a step yields
+1 + a + … + a^k tokens on average, scaled by how far batches have met that prediction, so the draft
+length maximising tokens per unit of cost is used, and none when no length beats 1. The cost starts from
+the backend's figure measured on this project's machine (ROW_COST) and is then fitted to what this
+device's verification batches and plain steps take (Controller.observe_*, fit_cost): on another CPU the
+first row cost 0.9 of a step and each further one 0.45 where the constant said 0.30, and drafting with the
+constant made grounded answers slower than plain decoding.
 """
 from __future__ import annotations
 
@@ -290,8 +292,8 @@ class Speculator:
                  sampler: SamplerConfig) -> None:
         self.settings = settings
         self.index = NgramIndex(range(settings.ngram_min, settings.ngram_max + 1), context)
-        # each generation starts from the prior figures and learns both again: carried over, a high row cost
-        # with the prior acceptance rate would stop drafting for good (the rate moves only when drafts are verified)
+        # each generation starts from the prior figures and fits them again within a dozen batches: its text
+        # (what it copies) and the machine's load are its own
         fixed = settings.row_cost is not None
         cost = settings.row_cost if fixed else ROW_COST.get(backend_name, DEFAULT_ROW_COST)
         self.control = Controller(cost, settings.max_draft, settings.prior_rate, settings.memory, settings.min_gain,
