@@ -344,6 +344,13 @@ def _cpu_times(text: str | None) -> tuple[int, int] | None:
     return None
 
 
+def cpu_busy_seconds(stat: Path = Path("/proc/stat")) -> float | None:
+    """CPU-seconds every process on the machine has run since boot (all but idle and iowait); None without
+    /proc/stat. edgellm optimize subtracts its own to see what other work ran while it measured."""
+    t = _cpu_times(_read(stat))
+    return None if t is None else t[0] / os.sysconf("SC_CLK_TCK")
+
+
 def busy_cores(sample_s: float = 0.1, stat: Path = Path("/proc/stat")) -> int:
     """Whole cores that other processes keep busy right now: /proc/stat sampled over `sample_s` while this
     process sleeps (the load average would count this process's own recent work). Rounded so that a core

@@ -220,13 +220,10 @@ def optimize(model: str | os.PathLike[str] | None = None, *, quality: str = DEFA
 
 def _cpu_clock() -> tuple[float, float | None, float]:
     """(wall s, CPU-seconds every process on the machine has run — None off Linux —, this process's own)."""
+    from .device import cpu_busy_seconds
+
     own = sum(os.times()[:2])   # user + system of every thread here (llama.cpp's and onnxruntime's too)
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-        machine = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")   # all but idle and iowait
-    except (OSError, ValueError, IndexError):
-        machine = None
-    return time.monotonic(), machine, own
+    return time.monotonic(), cpu_busy_seconds(), own
 
 
 def _busy(since: tuple[float, float | None, float]) -> float:
